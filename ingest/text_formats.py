@@ -1,0 +1,223 @@
+"""Parsers for the plain-text formats (markdown, reStructuredText, text) and their front matter.
+
+These formats carry their structure in plain characters, so kb reads it directly: it is exact (headings
+inside fenced code are not headings) and takes milliseconds a file, where a general partitioner takes
+a tenth of a second or more per blog post and would dominate an ingest.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+from kb.errors import EmptyDocument, UnsupportedFile
+from kb.types import ParsedDocument, Section
+
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+_ATX = re.compile(r"^ {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$")
+_SETEXT = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
+_RST_ADORNMENT = re.compile(r"^([=\-~^\"'`#*+:.<>_])\1{2,}\s*$")
+
+
+def read_text(path: Path) -> str:
+    """Decode a text file, whatever its encoding; refuse empty and binary files with a reason."""
+    data = path.read_bytes()
+    if not data.strip():
+        raise EmptyDocument("empty file" if not data else "file holds only whitespace")
+    text = _decode(data)
+    if text is None or _looks_binary(text):
+        raise UnsupportedFile(
+            "binary content, not text (is the file extension right?)",
+        )
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _decode(data: bytes) -> str | None:
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16", errors="replace")
+    if b"\x00" in data[:8192]:
+        return None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    from charset_normalizer import from_bytes
+
+    best = from_bytes(data[:200_000]).best()
+    if best is None:
+        return None
+    encoding = best.encoding
+    if encoding in {"gb2312", "gbk"}:
+        encoding = "gb18030"  # a superset: characters outside GB2312 still decode
+    return data.decode(encoding, errors="replace")
+
+
+def _looks_binary(text: str) -> bool:
+    sample = text[:8192]
+    controls = sum(1 for c in sample if ord(c) < 32 and c not in "\n\r\t\f\v")
+    return controls > len(sample) * 0.01 or sample.count("\ufffd") > len(sample) * 0.05
+
+
+def split_front_matter(text: str) -> tuple[dict, str, list[str]]:
+    """(metadata, body, warnings) for YAML (---) or TOML (+++) front matter at the top of `text`."""
+    warnings: list[str] = []
+    for fence, loader in (("---", _load_yaml), ("+++", tomllib.loads)):
+        if not text.startswith(fence + "\n"):
+            continue
+        end = re.search(rf"^(?:{re.escape(fence)}|\.\.\.)[ \t]*$", text[len(fence) + 1 :], re.M)
+        if end is None:
+            return {}, text, warnings
+        raw = text[len(fence) + 1 : len(fence) + 1 + end.start()]
+        body = text[len(fence) + 1 + end.end() :]
+        try:
+            meta = loader(raw) or {}
+        except Exception as e:
+            warnings.append(f"front matter could not be read ({type(e).__name__}); kept out of the text")
+            meta = {}
+        if not isinstance(meta, dict):
+            meta = {}
+        return normalize_metadata(meta), body, warnings
+    return {}, text, warnings
+
+
+def _load_yaml(raw: str):
+    return yaml.safe_load(raw)
+
+
+def normalize_metadata(meta: dict) -> dict:
+    """Keep front matter as given, plus the well-known keys kb filters on: title, date, tags, authors."""
+    out = {str(k): v for k, v in meta.items()}
+    extra = out.get("extra") if isinstance(out.get("extra"), dict) else {}
+    taxonomies = out.get("taxonomies") if isinstance(out.get("taxonomies"), dict) else {}
+    tags = out.get("tags") or out.get("categories") or taxonomies.get("tags") or extra.get("tags") or []
+    if isinstance(tags, str):
+        tags = [t.strip() for t in re.split(r"[,;]", tags) if t.strip()]
+    out["tags"] = [str(t) for t in tags] if isinstance(tags, (list, tuple)) else []
+    authors = out.get("authors") or out.get("author") or extra.get("authors") or extra.get("author") or []
+    if isinstance(authors, str):
+        authors = [authors]
+    out["authors"] = [str(a) for a in authors] if isinstance(authors, (list, tuple)) else []
+    if out.get("date") is not None:
+        out["date"] = str(out["date"])
+    return out
+
+
+def parse_markdown(path: Path) -> ParsedDocument:
+    text = read_text(path)
+    meta, body, warnings = split_front_matter(text)
+    sections: list[Section] = []
+    stack: list[tuple[int, str]] = []
+    lines: list[str] = []
+    first_h1: str | None = None
+    fence: str | None = None
+
+    def flush():
+        content = "\n".join(lines).strip()
+        if content:
+            sections.append(Section(text=content, headings=[h for _, h in stack]))
+        lines.clear()
+
+    def open_heading(level: int, title: str):
+        nonlocal first_h1
+        flush()
+        while stack and stack[-1][0] >= level:
+            stack.pop()
+        stack.append((level, title))
+        if level == 1 and first_h1 is None:
+            first_h1 = title
+
+    for line in body.split("\n"):
+        fence_match = _FENCE.match(line)
+        if fence is not None:
+            lines.append(line)
+            if fence_match and fence_match.group(1)[0] == fence[0] and len(fence_match.group(1)) >= len(fence):
+                fence = None
+            continue
+        if fence_match:
+            fence = fence_match.group(1)
+            lines.append(line)
+            continue
+        atx = _ATX.match(line)
+        if atx:
+            open_heading(len(atx.group(1)), (atx.group(2) or "").strip())
+            continue
+        setext = _SETEXT.match(line)
+        if setext and lines and lines[-1].strip() and not _is_block_start(lines[-1]):
+            title = lines.pop().strip()
+            open_heading(1 if setext.group(1)[0] == "=" else 2, title)
+            continue
+        lines.append(line)
+    flush()
+    title = str(meta.get("title") or first_h1 or path.stem)
+    _drop_title_heading(sections, title)
+    return _document(path, "markdown", title, sections, meta, warnings)
+
+
+def _is_block_start(line: str) -> bool:
+    return bool(re.match(r"^\s*([-*+]\s|\d+[.)]\s|>|\|)", line))
+
+
+def _drop_title_heading(sections: list[Section], title: str) -> None:
+    """A top heading equal to the document title adds nothing to each chunk's heading path."""
+    for s in sections:
+        if s.headings and s.headings[0] == title:
+            s.headings = s.headings[1:]
+
+
+def parse_rst(path: Path) -> ParsedDocument:
+    text = read_text(path)
+    lines = text.split("\n")
+    styles: list[tuple[str, bool]] = []
+    sections: list[Section] = []
+    stack: list[tuple[int, str]] = []
+    buf: list[str] = []
+    first_title: str | None = None
+    i = 0
+
+    def flush():
+        content = "\n".join(buf).strip()
+        if content:
+            sections.append(Section(text=content, headings=[h for _, h in stack]))
+        buf.clear()
+
+    while i < len(lines):
+        line = lines[i]
+        over = _RST_ADORNMENT.match(line)
+        # overline + title + underline
+        if over and i + 2 < len(lines) and lines[i + 1].strip() and _RST_ADORNMENT.match(lines[i + 2]) \
+                and lines[i + 2].strip()[0] == line.strip()[0]:
+            title, style, i = lines[i + 1].strip(), (line.strip()[0], True), i + 3
+        elif line.strip() and i + 1 < len(lines) and _RST_ADORNMENT.match(lines[i + 1]) \
+                and len(lines[i + 1].rstrip()) >= len(line.rstrip()) and not _RST_ADORNMENT.match(line):
+            title, style, i = line.strip(), (lines[i + 1].strip()[0], False), i + 2
+        else:
+            buf.append(line)
+            i += 1
+            continue
+        if style not in styles:
+            styles.append(style)
+        level = styles.index(style) + 1
+        flush()
+        while stack and stack[-1][0] >= level:
+            stack.pop()
+        stack.append((level, title))
+        first_title = first_title or title
+    flush()
+    title = first_title or path.stem
+    _drop_title_heading(sections, title)
+    return _document(path, "rst", title, sections, {}, [])
+
+
+def parse_text(path: Path) -> ParsedDocument:
+    text = read_text(path)
+    return _document(path, "text", path.stem, [Section(text=text.strip())], {}, [])
+
+
+def _document(path, ftype, title, sections, meta, warnings) -> ParsedDocument:
+    if not any(s.text.strip() for s in sections):
+        raise EmptyDocument("no text in the file (only front matter or headings)")
+    return ParsedDocument(path=str(path), file_type=ftype, title=title, sections=sections,
+                          metadata=meta, warnings=warnings)

@@ -1,0 +1,194 @@
+"""Finding passages: dense (FAISS), lexical (SQLite FTS5 BM25), and hybrid fusion of the two, with filters.
+
+Hybrid fusion. Each retriever's top-N scores are turned into z-scores over that list, and each retriever
+is weighted by how clearly its best passage stands out from the rest of its list (the z-score of its
+top hit). A retriever that cannot tell passages apart for this query, such as an English-only embedder
+facing a Chinese question, returns a flat list, gets a small weight, and cannot drag the fused ranking
+down; one that is sure of its answer leads. Rank-based fusion (RRF) lacks that signal and lets a weak
+retriever's noise halve a strong one's lead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from kb.embedder import Embedder
+from kb.errors import BadQuestion
+from kb.store import Store
+from kb.text import fts_query
+from kb.types import Hit
+
+MODES = ("dense", "lexical", "hybrid")
+CANDIDATES = 50  # passages each retriever hands to the fusion
+
+
+@dataclass
+class Filters:
+    """Restrict a search to documents by path glob, tag, front-matter date range, or file type."""
+
+    path: str | None = None  # glob, e.g. "*/posts/*" or "*.pdf"
+    tags: Sequence[str] = ()
+    date_from: str | None = None  # inclusive, ISO date
+    date_to: str | None = None
+    file_types: Sequence[str] = ()
+
+    def active(self) -> bool:
+        return bool(self.path or self.tags or self.date_from or self.date_to or self.file_types)
+
+    def sql(self) -> tuple[str, list]:
+        """A WHERE clause over `documents d`, and its parameters."""
+        where, params = [], []
+        if self.path:
+            where.append("d.path GLOB ?")
+            params.append(self.path if self.path.startswith(("/", "*")) else "*" + self.path)
+        for tag in self.tags:
+            where.append("EXISTS (SELECT 1 FROM json_each(d.tags) WHERE lower(json_each.value) = lower(?))")
+            params.append(tag)
+        if self.date_from:
+            where.append("d.date >= ?")
+            params.append(self.date_from)
+        if self.date_to:
+            where.append("d.date <= ?")
+            params.append(self.date_to)
+        if self.file_types:
+            types = [_FILE_TYPE_ALIASES.get(t.lower().lstrip("."), t.lower()) for t in self.file_types]
+            where.append(f"d.file_type IN ({','.join('?' * len(types))})")
+            params.extend(types)
+        return " AND ".join(where) or "1", params
+
+
+_FILE_TYPE_ALIASES = {"md": "markdown", "markdown": "markdown", "txt": "text", "htm": "html"}
+
+
+class Reranker(Protocol):
+    def rerank(self, query: str, hits: list[Hit]) -> list[Hit]:
+        """The same hits, re-scored and re-ordered best first."""
+        ...
+
+
+class CrossEncoderReranker:
+    """A local sentence-transformers CrossEncoder model folder."""
+
+    def __init__(self, path: str):
+        from kb.errors import ModelNotFound
+        from pathlib import Path
+
+        if not Path(path).is_dir():
+            raise ModelNotFound(f"reranker model folder not found: {path}")
+        self.path = path
+        self._model = None
+
+    def rerank(self, query: str, hits: list[Hit]) -> list[Hit]:
+        if not hits:
+            return hits
+        if self._model is None:
+            from sentence_transformers import CrossEncoder
+
+            self._model = CrossEncoder(self.path, device="cpu")
+        scores = self._model.predict([(query, h.text) for h in hits])
+        for hit, score in zip(hits, scores):
+            hit.score = float(score)
+        return sorted(hits, key=lambda h: h.score, reverse=True)
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    mode: str
+    timings: dict = field(default_factory=dict)
+
+
+class Retriever:
+    def __init__(self, store: Store, embedder: Embedder, reranker: Reranker | None = None):
+        self.store = store
+        self.embedder = embedder
+        self.reranker = reranker
+
+    def search(self, query: str, k: int = 5, *, mode: str = "hybrid", filters: Filters | None = None) -> SearchResult:
+        if not query or not query.strip():
+            raise BadQuestion("the query is empty", hint="give some words to search for")
+        if mode not in MODES:
+            raise BadQuestion(f"unknown search mode {mode!r}", hint=f"use one of {', '.join(MODES)}")
+        timings: dict = {}
+        allowed = self._allowed(filters)
+        n = max(k, CANDIDATES) if mode == "hybrid" or self.reranker else k
+        dense = lexical = None
+        if mode in ("dense", "hybrid"):
+            t = time.perf_counter()
+            dense = self._dense(query, n, allowed)
+            timings["dense_ms"] = (time.perf_counter() - t) * 1000
+        if mode in ("lexical", "hybrid"):
+            t = time.perf_counter()
+            lexical = self.store.lexical_search(fts_query(query), n, allowed)
+            timings["lexical_ms"] = (time.perf_counter() - t) * 1000
+        if mode == "hybrid":
+            scored = fuse([dense, lexical])
+        else:
+            scored = dense if mode == "dense" else lexical
+        hits = self.store.hits(scored[: n if self.reranker else k])
+        if self.reranker:
+            t = time.perf_counter()
+            hits = self.reranker.rerank(query, hits)
+            timings["rerank_ms"] = (time.perf_counter() - t) * 1000
+        return SearchResult(hits=hits[:k], mode=mode, timings=timings)
+
+    def _dense(self, query: str, n: int, allowed: set[int] | None) -> list[tuple[int, float]]:
+        self.store.check_model(self.embedder.model_id)
+        vector = self.embedder.embed_query(query)
+        index = self.store.vectors()
+        if allowed is None:
+            return index.search(vector, n)
+        if not allowed:
+            return []
+        return index.search_among(vector, n, allowed)
+
+    def _allowed(self, filters: Filters | None) -> set[int] | None:
+        if filters is None or not filters.active():
+            return None
+        where, params = filters.sql()
+        rows = self.store.db.execute(
+            f"SELECT c.id FROM chunks c JOIN documents d ON d.id = c.doc_id WHERE {where}", params
+        ).fetchall()
+        return {r[0] for r in rows}
+
+
+def _zscores(scored: list[tuple[int, float]]) -> tuple[dict[int, float], float, float]:
+    """(z-score per id, the z of the best hit against the others, z given to ids this list did not return)."""
+    values = np.array([s for _, s in scored], dtype=np.float64)
+    mean, std = values.mean(), values.std()
+    if std < 1e-9:
+        return {i: 0.0 for i, _ in scored}, 0.0, 0.0
+    z = {i: (s - mean) / std for i, s in scored}
+    rest = values[1:]
+    if len(rest) >= 2 and rest.std() > 1e-9:
+        top_margin = (values[0] - rest.mean()) / rest.std()
+    else:
+        top_margin = (values[0] - mean) / std
+    return z, max(top_margin, 0.0), float((values.min() - mean) / std)
+
+
+def fuse(lists: list[list[tuple[int, float]] | None]) -> list[tuple[int, float]]:
+    """Confidence-weighted z-score fusion of several retrievers' (id, score) lists, best first."""
+    lists = [l for l in lists if l]
+    if not lists:
+        return []
+    if len(lists) == 1:
+        return lists[0]
+    parts = [_zscores(l) for l in lists]
+    weights = np.array([p[1] for p in parts])
+    if weights.sum() <= 0:
+        weights = np.ones(len(parts))
+    weights = weights / weights.sum()
+    ids = {i for l in lists for i, _ in l}
+    fused = {
+        i: float(sum(w * z.get(i, floor) for w, (z, _, floor) in zip(weights, parts)))
+        for i in ids
+    }
+    return sorted(fused.items(), key=lambda kv: kv[1], reverse=True)
+
+
+__all__ = ["Filters", "Retriever", "Reranker", "CrossEncoderReranker", "SearchResult", "fuse", "MODES"]

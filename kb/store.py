@@ -1,0 +1,539 @@
+"""The on-disk knowledge base: SQLite (documents, chunks, vectors, full-text, logs) plus a FAISS cache.
+
+SQLite is the source of truth, vectors included. The FAISS file is a cache of those vectors, stamped with
+the `generation` of the database it reflects; when a crash leaves the two apart, opening the store brings
+the cache up to date from SQLite. Every change to one document is one SQLite transaction, so a process
+killed at any moment leaves each document either wholly old or wholly new.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import struct
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import sqlite_utils
+
+from kb.errors import Locked, ModelMismatch, NotIngested
+from kb.text import lexical_document
+from kb.types import Chunk, Hit
+
+SCHEMA_VERSION = 1
+DB_NAME = "kb.db"
+INDEX_NAME = "vectors.faiss"
+LOCK_NAME = "write.lock"
+_INDEX_MAGIC = b"KBFAISS1"
+
+MIGRATIONS = []
+
+
+def migration(fn):
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@migration
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db["meta"].create({"key": str, "value": str}, pk="key")
+    db["documents"].create(
+        {
+            "id": int,
+            "path": str,
+            "root": str,
+            "file_type": str,
+            "title": str,
+            "hash": str,
+            "size": int,
+            "mtime": float,
+            "metadata": str,
+            "tags": str,
+            "date": str,
+            "n_chunks": int,
+            "ingested_at": float,
+        },
+        pk="id",
+    )
+    db["documents"].create_index(["path"], unique=True)
+    db["documents"].create_index(["root"])
+    db["chunks"].create(
+        {
+            "id": int,
+            "doc_id": int,
+            "ord": int,
+            "text": str,
+            "heading": str,
+            "page": int,
+            "n_tokens": int,
+            "vector": bytes,
+        },
+        pk="id",
+        foreign_keys=[("doc_id", "documents", "id")],
+    )
+    db["chunks"].create_index(["doc_id"])
+    db.execute(
+        "CREATE VIRTUAL TABLE chunks_fts USING fts5(terms, tokenize='porter unicode61 remove_diacritics 2')"
+    )
+    db["ingests"].create(
+        {"id": int, "started_at": float, "finished_at": float, "paths": str, "report": str}, pk="id"
+    )
+
+
+def migrate(db: sqlite_utils.Database) -> None:
+    """Apply the migrations this database has not seen yet, each once, in order."""
+    db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
+    done = {row[0] for row in db.execute("SELECT name FROM _migrations").fetchall()}
+    for fn in MIGRATIONS:
+        if fn.__name__ in done:
+            continue
+        with db.conn:
+            fn(db)
+            db.execute("INSERT INTO _migrations VALUES (?, ?)", [fn.__name__, time.time()])
+
+
+@dataclass
+class StoredDocument:
+    id: int
+    path: str
+    hash: str
+    size: int
+    mtime: float
+    root: str
+
+
+class WriteLock:
+    """An exclusive advisory lock on the home folder, held while a process writes to the store."""
+
+    def __init__(self, home: Path):
+        self.path = home / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self, *, timeout: float = 0.0, on_wait=None) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + timeout
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise Locked(
+                        f"the knowledge base {self.path.parent} is being written by pid {holder}",
+                        hint="wait for that `kb ingest` to finish, or pass --wait SECONDS to wait for it",
+                    ) from None
+                if not waited and on_wait:
+                    on_wait(holder)
+                waited = True
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _atomic_write(path: Path, data: bytes | memoryview) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class VectorIndex:
+    """A FAISS inner-product index over unit vectors, keyed by chunk id, saved with the generation it reflects."""
+
+    def __init__(self, dim: int):
+        import faiss
+
+        self.dim = dim
+        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.generation = -1
+
+    @property
+    def size(self) -> int:
+        return self.index.ntotal
+
+    def ids(self) -> np.ndarray:
+        import faiss
+
+        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids):
+            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
+
+    def remove(self, ids: Iterable[int]) -> None:
+        import faiss
+
+        ids = np.fromiter(ids, dtype=np.int64)
+        if len(ids):
+            self.index.remove_ids(faiss.IDSelectorBatch(ids))
+
+    def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        if self.size == 0:
+            return []
+        scores, ids = self.index.search(np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32), k)
+        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i != -1]
+
+    def search_among(self, query: np.ndarray, k: int, allowed: set[int]) -> list[tuple[int, float]]:
+        """Search restricted to the chunk ids in `allowed` (metadata filters)."""
+        import faiss
+
+        if self.size == 0:
+            return []
+        selector = faiss.IDSelectorBatch(np.fromiter(allowed, dtype=np.int64))
+        params = faiss.SearchParameters(sel=selector)
+        scores, ids = self.index.search(
+            np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32), min(k, len(allowed)), params=params
+        )
+        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i != -1]
+
+    def save(self, path: Path, generation: int) -> None:
+        import faiss
+
+        payload = faiss.serialize_index(self.index)
+        header = _INDEX_MAGIC + struct.pack("<qi", generation, self.dim)
+        _atomic_write(path, header + payload.tobytes())
+        self.generation = generation
+
+    @classmethod
+    def load(cls, path: Path, dim: int) -> "VectorIndex":
+        import faiss
+
+        vi = cls(dim)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return vi
+        head = len(_INDEX_MAGIC) + 12
+        if len(data) < head or not data.startswith(_INDEX_MAGIC):
+            return vi  # unreadable cache: rebuilt from SQLite by the caller
+        generation, stored_dim = struct.unpack("<qi", data[len(_INDEX_MAGIC) : head])
+        if stored_dim != dim:
+            return vi
+        vi.index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8, offset=head))
+        vi.generation = generation
+        return vi
+
+
+class Store:
+    """Documents, chunks and vectors of one knowledge base home."""
+
+    def __init__(self, home: Path, *, create: bool = False):
+        self.home = Path(home)
+        self.db_path = self.home / DB_NAME
+        self.index_path = self.home / INDEX_NAME
+        if not self.db_path.exists() and not create:
+            raise NotIngested(f"no knowledge base at {self.home}")
+        self.home.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.db_path, timeout=60, check_same_thread=False)
+        self.db = sqlite_utils.Database(conn)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        migrate(self.db)
+        self._vectors: VectorIndex | None = None
+
+    # --- metadata -------------------------------------------------------------------------------
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, **values) -> None:
+        with self.db.conn:
+            for key, value in values.items():
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, str(value)])
+
+    @property
+    def generation(self) -> int:
+        return int(self.get_meta("generation", "0"))
+
+    def model_info(self) -> dict | None:
+        model = self.get_meta("embedding_model")
+        if model is None:
+            return None
+        return {
+            "embedding_model": model,
+            "dim": int(self.get_meta("dim", "0")),
+            "max_tokens": int(self.get_meta("max_tokens", "0")),
+            "chunk_overlap": int(self.get_meta("chunk_overlap", "0")),
+        }
+
+    def bind_model(self, model_id: str, dim: int, max_tokens: int, chunk_overlap: int) -> None:
+        """Record the embedding model of this index, or refuse one that differs from the recorded one."""
+        info = self.model_info()
+        if info is None:
+            self.set_meta(
+                embedding_model=model_id,
+                dim=dim,
+                max_tokens=max_tokens,
+                chunk_overlap=chunk_overlap,
+                schema_version=SCHEMA_VERSION,
+            )
+            return
+        self.check_model(model_id)
+        if info["dim"] != dim:
+            raise ModelMismatch(f"index dimension {info['dim']} but the embedding model gives {dim}")
+
+    def check_model(self, model_id: str) -> None:
+        info = self.model_info()
+        if info and info["embedding_model"] != model_id:
+            raise ModelMismatch(
+                f"this knowledge base was built with the embedding model {info['embedding_model']!r}, "
+                f"not {model_id!r}",
+                hint="use the same --embedding-model, or a new --kb home for the other model",
+            )
+
+    # --- documents ------------------------------------------------------------------------------
+
+    def document(self, path: str) -> StoredDocument | None:
+        row = self.db.execute(
+            "SELECT id, path, hash, size, mtime, root FROM documents WHERE path = ?", [path]
+        ).fetchone()
+        return StoredDocument(*row) if row else None
+
+    def documents_under(self, root: str) -> list[StoredDocument]:
+        prefix = root.rstrip(os.sep) + os.sep
+        rows = self.db.execute(
+            "SELECT id, path, hash, size, mtime, root FROM documents WHERE path = ? OR substr(path, 1, ?) = ?",
+            [root, len(prefix), prefix],
+        ).fetchall()
+        return [StoredDocument(*r) for r in rows]
+
+    def touch_document(self, doc_id: int, mtime: float, size: int) -> None:
+        with self.db.conn:
+            self.db.execute("UPDATE documents SET mtime = ?, size = ? WHERE id = ?", [mtime, size, doc_id])
+
+    def replace_document(
+        self,
+        *,
+        path: str,
+        root: str,
+        file_type: str,
+        title: str,
+        file_hash: str,
+        size: int,
+        mtime: float,
+        metadata: dict,
+        chunks: list[Chunk],
+        vectors: np.ndarray,
+    ) -> tuple[list[int], list[int]]:
+        """Put one document with its chunks in, replacing any earlier version, in one transaction.
+
+        Returns (removed chunk ids, new chunk ids) so the caller can update the vector cache.
+        """
+        tags = metadata.get("tags") or []
+        if isinstance(tags, str):
+            tags = [tags]
+        date = metadata.get("date")
+        cache_in_sync = self._cache_in_sync()
+        with self.db.conn:
+            old = self.db.execute("SELECT id FROM documents WHERE path = ?", [path]).fetchone()
+            removed = self._delete_chunks(old[0]) if old else []
+            record = {
+                "path": path,
+                "root": root,
+                "file_type": file_type,
+                "title": title,
+                "hash": file_hash,
+                "size": size,
+                "mtime": mtime,
+                "metadata": json.dumps(metadata, default=str, ensure_ascii=False),
+                "tags": json.dumps([str(t) for t in tags], ensure_ascii=False),
+                "date": str(date)[:10] if date else None,
+                "n_chunks": len(chunks),
+                "ingested_at": time.time(),
+            }
+            if old:
+                doc_id = old[0]
+                self.db["documents"].update(doc_id, record)
+            else:
+                doc_id = self.db["documents"].insert(record).last_pk
+            new_ids = []
+            for chunk, vector in zip(chunks, vectors):
+                cur = self.db.execute(
+                    "INSERT INTO chunks (doc_id, ord, text, heading, page, n_tokens, vector) VALUES (?,?,?,?,?,?,?)",
+                    [doc_id, chunk.ord, chunk.text, chunk.heading, chunk.page, chunk.n_tokens,
+                     np.asarray(vector, dtype=np.float32).tobytes()],
+                )
+                chunk_id = cur.lastrowid
+                new_ids.append(chunk_id)
+                self.db.execute(
+                    "INSERT INTO chunks_fts (rowid, terms) VALUES (?, ?)",
+                    [chunk_id, lexical_document(f"{title}\n{chunk.heading}\n{chunk.text}")],
+                )
+            self._bump_generation()
+        if cache_in_sync:
+            self._vectors.remove(removed)
+            self._vectors.add(np.array(new_ids, dtype=np.int64), np.asarray(vectors, dtype=np.float32))
+            self._vectors.generation = self.generation
+        return removed, new_ids
+
+    def delete_document(self, path: str) -> list[int]:
+        """Remove a document and its chunks; returns the removed chunk ids."""
+        cache_in_sync = self._cache_in_sync()
+        with self.db.conn:
+            row = self.db.execute("SELECT id FROM documents WHERE path = ?", [path]).fetchone()
+            if not row:
+                return []
+            removed = self._delete_chunks(row[0])
+            self.db.execute("DELETE FROM documents WHERE id = ?", [row[0]])
+            self._bump_generation()
+        if cache_in_sync:
+            self._vectors.remove(removed)
+            self._vectors.generation = self.generation
+        return removed
+
+    def _cache_in_sync(self) -> bool:
+        return self._vectors is not None and self._vectors.generation == self.generation
+
+    def _delete_chunks(self, doc_id: int) -> list[int]:
+        ids = [r[0] for r in self.db.execute("SELECT id FROM chunks WHERE doc_id = ?", [doc_id]).fetchall()]
+        if ids:
+            self.db.execute(
+                f"DELETE FROM chunks_fts WHERE rowid IN (SELECT id FROM chunks WHERE doc_id = ?)", [doc_id]
+            )
+            self.db.execute("DELETE FROM chunks WHERE doc_id = ?", [doc_id])
+        return ids
+
+    def _bump_generation(self) -> None:
+        self.db.execute(
+            "INSERT INTO meta VALUES ('generation', '1') "
+            "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+        )
+
+    # --- vectors --------------------------------------------------------------------------------
+
+    def vectors(self) -> VectorIndex:
+        """The FAISS cache, brought up to date with SQLite if a crash or another process left it behind."""
+        info = self.model_info()
+        if info is None:
+            raise NotIngested(f"the knowledge base at {self.home} is empty")
+        generation = self.generation
+        if self._vectors is None:
+            self._vectors = VectorIndex.load(self.index_path, info["dim"])
+        if self._vectors.generation != generation:
+            self._sync_vectors(self._vectors)
+            self._vectors.generation = generation
+        return self._vectors
+
+    def _sync_vectors(self, vi: VectorIndex) -> None:
+        in_db = np.array([r[0] for r in self.db.execute("SELECT id FROM chunks")], dtype=np.int64)
+        in_index = vi.ids()
+        extra = np.setdiff1d(in_index, in_db)
+        missing = np.setdiff1d(in_db, in_index)
+        vi.remove(extra.tolist())
+        for start in range(0, len(missing), 10_000):
+            part = missing[start : start + 10_000].tolist()
+            rows = self.db.execute(
+                f"SELECT id, vector FROM chunks WHERE id IN ({','.join('?' * len(part))})", part
+            ).fetchall()
+            ids = np.array([r[0] for r in rows], dtype=np.int64)
+            vecs = np.vstack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
+            vi.add(ids, vecs)
+
+    def save_vectors(self) -> None:
+        """Write the FAISS cache atomically, stamped with the current generation."""
+        if self.model_info() is not None:
+            self.vectors().save(self.index_path, self.generation)
+
+    # --- reading --------------------------------------------------------------------------------
+
+    def hits(self, scored: list[tuple[int, float]]) -> list[Hit]:
+        """Hits for (chunk id, score) pairs, in the given order."""
+        if not scored:
+            return []
+        ids = [i for i, _ in scored]
+        rows = self.db.execute(
+            "SELECT c.id, c.text, c.heading, c.page, d.path, d.title, d.file_type, d.metadata "
+            f"FROM chunks c JOIN documents d ON d.id = c.doc_id WHERE c.id IN ({','.join('?' * len(ids))})",
+            ids,
+        ).fetchall()
+        by_id = {r[0]: r for r in rows}
+        out = []
+        for chunk_id, score in scored:
+            r = by_id.get(chunk_id)
+            if r is None:
+                continue
+            out.append(
+                Hit(
+                    chunk_id=chunk_id,
+                    score=score,
+                    text=r[1],
+                    heading=r[2] or "",
+                    page=r[3],
+                    path=r[4],
+                    title=r[5] or "",
+                    file_type=r[6] or "",
+                    metadata=json.loads(r[7] or "{}"),
+                )
+            )
+        return out
+
+    def lexical_search(self, match: str, k: int, allowed: set[int] | None = None) -> list[tuple[int, float]]:
+        """BM25 over the full-text table; scores are positive, higher is better."""
+        if not match:
+            return []
+        limit = k if allowed is None else max(k * 20, 200)
+        rows = self.db.execute(
+            "SELECT rowid, -bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts) LIMIT ?",
+            [match, limit],
+        ).fetchall()
+        if allowed is not None:
+            rows = [r for r in rows if r[0] in allowed]
+        return [(int(r[0]), float(r[1])) for r in rows[:k]]
+
+    def counts(self) -> tuple[int, int]:
+        docs = self.db.execute("SELECT count(*) FROM documents").fetchone()[0]
+        chunks = self.db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        return docs, chunks
+
+    def log_ingest(self, started_at: float, paths: list[str], report: dict) -> None:
+        with self.db.conn:
+            self.db["ingests"].insert(
+                {
+                    "started_at": started_at,
+                    "finished_at": time.time(),
+                    "paths": json.dumps(paths, ensure_ascii=False),
+                    "report": json.dumps(report, ensure_ascii=False, default=str),
+                }
+            )
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('last_ingest', ?)", [str(time.time())])
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@contextmanager
+def write_lock(home: Path, *, timeout: float = 0.0, on_wait=None) -> Iterator[None]:
+    lock = WriteLock(home)
+    lock.acquire(timeout=timeout, on_wait=on_wait)
+    try:
+        yield
+    finally:
+        lock.release()

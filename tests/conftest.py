@@ -1,0 +1,109 @@
+"""Fakes for the swappable parts, and shared fixtures. Real-model tests are marked `real`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kb.embedder import BUNDLED_EMBEDDER_ID, Tokenizer, bundled_embedder_path
+from kb.text import lexical_terms
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+class FakeEmbedder:
+    """Deterministic bag-of-terms vectors: texts sharing words are close. Milliseconds, no torch."""
+
+    model_id = "fake-embedder"
+    dim = 64
+    max_tokens = 254
+
+    def __init__(self, delay: float = 0.0):
+        self.delay = delay
+        self.calls = 0
+        self.texts_embedded = 0
+        self._tokenizer = Tokenizer(bundled_embedder_path())
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    def _vector(self, text: str) -> np.ndarray:
+        v = np.zeros(self.dim, dtype=np.float32)
+        for term in lexical_terms(text):
+            h = int.from_bytes(hashlib.blake2b(term.encode(), digest_size=4).digest(), "little")
+            v[h % self.dim] += 1.0
+        n = np.linalg.norm(v)
+        return v / n if n else v
+
+    def embed_batch(self, texts):
+        import time
+
+        self.calls += 1
+        self.texts_embedded += len(texts)
+        if self.delay:
+            time.sleep(self.delay)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.vstack([self._vector(t) for t in texts])
+
+    def embed_query(self, text):
+        return self._vector(text)
+
+
+@pytest.fixture
+def fake_embedder():
+    return FakeEmbedder()
+
+
+@pytest.fixture
+def home(tmp_path):
+    return tmp_path / "kbhome"
+
+
+@pytest.fixture
+def make_kb(home, fake_embedder):
+    from kb.api import KnowledgeBase
+
+    opened = []
+
+    def make(embedder=None, path=None):
+        kb = KnowledgeBase(path or home, embedder=embedder or fake_embedder)
+        opened.append(kb)
+        return kb
+
+    yield make
+    for kb in opened:
+        kb.close()
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small folder of documents this test may change."""
+    root = tmp_path / "docs"
+    (root / "sub").mkdir(parents=True)
+    (root / "alpha.md").write_text(
+        "---\ntitle: Alpha notes\ntags: [greek, letters]\ndate: 2024-01-05\n---\n\n# Alpha\n\n"
+        "## Origins\n\nAlpha is the first letter of the Greek alphabet.\n\n## Usage\n\n"
+        "Alpha denotes the significance level in statistics.\n",
+        encoding="utf-8",
+    )
+    (root / "beta.txt").write_text("Beta particles are electrons emitted in radioactive decay.\n", encoding="utf-8")
+    (root / "sub" / "gamma.md").write_text(
+        "+++\ntitle = \"Gamma\"\ndate = 2022-06-01\ntags = [\"physics\"]\n+++\n\nGamma rays are photons of very high energy.\n",
+        encoding="utf-8",
+    )
+    (root / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD.md").write_text("ref: refs/heads/main\n")
+    return root
+
+
+__all__ = ["FakeEmbedder", "SHARED_DATA", "BUNDLED_EMBEDDER_ID"]

@@ -1,0 +1,61 @@
+import pytest
+
+from ingest.chunk import chunk_document, split_text
+from kb.embedder import Tokenizer, bundled_embedder_path
+from kb.types import ParsedDocument, Section
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(bundled_embedder_path())
+
+
+def _doc(text, title="T", headings=()):
+    return ParsedDocument(path="x", file_type="text", title=title, sections=[Section(text=text, headings=list(headings))])
+
+
+def test_every_chunk_fits_the_model_with_its_prefix(tok):
+    text = "\n\n".join(f"Paragraph {i}. " + "Some words that repeat in a sentence. " * (i % 17 + 1) for i in range(60))
+    chunks = chunk_document(_doc(text, headings=["A heading"]), tok, 254, 32)
+    assert len(chunks) > 5
+    for c in chunks:
+        assert tok.count(c.embed_text) <= 254
+        assert c.embed_text.startswith("T > A heading\n")
+        assert c.chunk.heading == "A heading"
+
+
+def test_chunks_cover_all_text_in_order(tok):
+    words = [f"w{i}" for i in range(3000)]
+    text = " ".join(words)
+    pieces = [t for t, _ in split_text(text, tok, 100, 0)]
+    assert " ".join(pieces).split() == words
+
+
+def test_overlap_repeats_a_little_of_the_previous_chunk(tok):
+    text = ". ".join(f"Sentence number {i} is here" for i in range(200))
+    pieces = [t for t, _ in split_text(text, tok, 60, 16)]
+    for a, b in zip(pieces, pieces[1:]):
+        assert b[:15] in a  # the next chunk begins inside the previous one
+        assert tok.count(b) <= 60
+
+
+def test_chinese_without_spaces_is_cut_within_limit_at_sentence_ends(tok):
+    text = "番茄是喜光植物，每天至少需要六到八个小时的直射阳光。" * 200
+    chunks = chunk_document(_doc(text, title="番茄"), tok, 254, 32)
+    assert len(chunks) > 3
+    for c in chunks:
+        assert tok.count(c.embed_text) <= 254
+    assert chunks[0].chunk.text.endswith("。")
+
+
+def test_single_huge_line_without_punctuation(tok):
+    text = "x" + "abc def " * 100_000
+    pieces = split_text(text, tok, 254, 0)
+    assert all(n <= 254 for _, n in pieces)
+    assert sum(len(t.split()) for t, _ in pieces) == len(text.split())
+
+
+def test_long_heading_prefix_is_capped(tok):
+    chunks = chunk_document(_doc("body text", title="word " * 400), tok, 254, 32)
+    assert tok.count(chunks[0].embed_text) <= 254
+    assert "body text" in chunks[0].embed_text

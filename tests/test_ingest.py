@@ -1,0 +1,274 @@
+import builtins
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SHARED_DATA, FakeEmbedder
+from kb.errors import Locked, ModelMismatch, NotIngested
+from kb.store import Store, write_lock
+
+
+def _consistent(home: Path) -> tuple[int, int]:
+    """FAISS ids == SQLite chunk ids, and FTS rows == chunks; returns (documents, chunks)."""
+    store = Store(home)
+    try:
+        ids_db = sorted(r[0] for r in store.db.execute("SELECT id FROM chunks"))
+        ids_index = sorted(store.vectors().ids().tolist())
+        assert ids_db == ids_index
+        fts = store.db.execute("SELECT count(*) FROM chunks_fts").fetchone()[0]
+        assert fts == len(ids_db)
+        return store.counts()
+    finally:
+        store.close()
+
+
+def test_ingest_then_search(make_kb, corpus):
+    kb = make_kb()
+    report = kb.ingest([corpus])
+    assert sorted(Path(p).name for p in report.added) == ["alpha.md", "beta.txt", "gamma.md"]
+    assert report.skipped and all(p.endswith("image.png") for p in report.skipped)
+    assert not any(".git" in p for p in report.added + report.skipped)
+    assert report.chunks >= 3 and not report.failed
+    hits = kb.search("significance level in statistics", k=3)
+    assert hits[0].path.endswith("alpha.md")
+    assert hits[0].title == "Alpha notes" and hits[0].heading == "Alpha > Usage"
+    assert hits[0].metadata["tags"] == ["greek", "letters"]
+    assert "title:" not in " ".join(h.text for h in hits)  # front matter is not body text
+    assert _consistent(kb.home) == (3, report.chunks)
+
+
+def test_reingest_adds_nothing(make_kb, corpus, fake_embedder):
+    kb = make_kb()
+    first = kb.ingest([corpus])
+    embedded = fake_embedder.texts_embedded
+    second = kb.ingest([corpus])
+    assert len(second.unchanged) == 3 and not second.added and not second.updated and second.chunks == 0
+    assert fake_embedder.texts_embedded == embedded
+    assert _consistent(kb.home) == (3, first.chunks)
+
+
+def test_changed_file_replaces_its_chunks(make_kb, corpus):
+    kb = make_kb()
+    kb.ingest([corpus])
+    (corpus / "beta.txt").write_text("Beta is now about the second-brightest star of a constellation.\n")
+    report = kb.ingest([corpus])
+    assert [Path(p).name for p in report.updated] == ["beta.txt"]
+    texts = " ".join(h.text for h in kb.search("beta", k=10, mode="lexical"))
+    assert "second-brightest" in texts and "radioactive" not in texts
+    _consistent(kb.home)
+
+
+def test_deleted_file_is_removed_and_forget(make_kb, corpus):
+    kb = make_kb()
+    kb.ingest([corpus])
+    (corpus / "sub" / "gamma.md").unlink()
+    report = kb.ingest([corpus])
+    assert [Path(p).name for p in report.removed] == ["gamma.md"]
+    assert kb.forget(corpus / "beta.txt") == [str(corpus / "beta.txt")]
+    assert _consistent(kb.home)[0] == 1
+    assert kb.forget(corpus / "nothing-here") == []
+
+
+def test_ingesting_a_subfolder_does_not_remove_siblings(make_kb, corpus):
+    kb = make_kb()
+    kb.ingest([corpus])
+    report = kb.ingest([corpus / "sub"])
+    assert not report.removed and len(report.unchanged) == 1
+    assert kb.status()["documents"] == 3
+
+
+def test_bad_inputs_are_reported_and_do_not_stop_the_ingest(make_kb, corpus, tmp_path, monkeypatch):
+    bad = corpus / "bad"
+    bad.mkdir()
+    (bad / "zero.md").write_bytes(b"")
+    (bad / "binary.md").write_bytes(bytes(range(256)) * 40)
+    (bad / "gbk.txt").write_bytes("这是GBK编码的中文文本，应当被正确读取并且建立索引。".encode("gbk") * 5)
+    (bad / "long-line.txt").write_text("lorem ipsum dolor " * 300_000)  # ~5.4 MB on one line
+    (bad / "corrupt.pdf").write_bytes(b"%PDF-1.7\n" + os.urandom(2000))
+    os.symlink("loop.md", bad / "loop.md")
+    (bad / "secret.md").write_text("private")
+    real_open = builtins.open
+
+    def guarded_open(file, *args, **kwargs):
+        if str(file).endswith("secret.md"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    kb = make_kb()
+    report = kb.ingest([corpus, tmp_path / "does-not-exist"])
+    reasons = {Path(f.path).name: f.reason for f in report.failed}
+    assert "empty" in reasons["zero.md"]
+    assert "binary" in reasons["binary.md"]
+    assert "PDF" in reasons["corrupt.pdf"]
+    assert "symlink loop" in reasons["loop.md"]
+    assert "permission denied" in reasons["secret.md"]
+    assert "no such file" in reasons["does-not-exist"]
+    added = {Path(p).name for p in report.added}
+    assert {"gbk.txt", "long-line.txt", "alpha.md"} <= added
+    assert report.ok
+    assert kb.search("GBK编码", k=1, mode="lexical")[0].path.endswith("gbk.txt")
+    _consistent(kb.home)
+
+
+def test_nothing_ingestable_is_not_ok(make_kb, tmp_path):
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "zero.md").write_bytes(b"")
+    report = make_kb().ingest([tmp_path / "e"])
+    assert not report.ok and len(report.failed) == 1
+
+
+def test_empty_folder(make_kb, tmp_path):
+    (tmp_path / "empty").mkdir()
+    report = make_kb().ingest([tmp_path / "empty"])
+    assert report.ok and not report.added and not report.failed
+
+
+def test_directory_symlink_loop_terminates(make_kb, corpus):
+    os.symlink(corpus, corpus / "sub" / "back-to-top")
+    report = make_kb().ingest([corpus])
+    assert len(report.added) == 3
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "corpora" / "pdf").is_dir(), reason="shared data not present")
+def test_hostile_pdfs_from_the_shared_corpus(make_kb, tmp_path):
+    folder = tmp_path / "pdfs"
+    folder.mkdir()
+    for name in ["password.pdf", "copy-protected.pdf", "invalid-pdf-structure-pdfminer-one-page.pdf", "fake-memo.pdf"]:
+        shutil.copy(SHARED_DATA / "corpora" / "pdf" / name, folder / name)
+    report = make_kb().ingest([folder])
+    reasons = {Path(f.path).name: f.reason for f in report.failed}
+    assert "encrypted" in reasons["password.pdf"] and "password" in reasons["password.pdf"]
+    added = {Path(p).name for p in report.added}
+    assert {"copy-protected.pdf", "invalid-pdf-structure-pdfminer-one-page.pdf", "fake-memo.pdf"} <= added
+
+
+def test_search_before_ingest_says_to_ingest(make_kb):
+    with pytest.raises(NotIngested) as e:
+        make_kb().search("anything")
+    assert "kb ingest" in e.value.hint
+
+
+def test_other_embedding_model_is_refused(make_kb, corpus):
+    make_kb().ingest([corpus])
+
+    class Other(FakeEmbedder):
+        model_id = "another-model"
+
+    with pytest.raises(ModelMismatch, match="fake-embedder"):
+        make_kb(embedder=Other()).ingest([corpus])
+    with pytest.raises(ModelMismatch):
+        make_kb(embedder=Other()).search("alpha", mode="dense")
+
+
+def test_second_writer_is_refused_while_locked(make_kb, corpus, home):
+    with write_lock(home):
+        with pytest.raises(Locked, match="pid"):
+            make_kb().ingest([corpus])
+    assert make_kb().ingest([corpus]).added
+
+
+def test_waiting_writer_gets_the_lock_when_freed(make_kb, corpus, home):
+    import threading
+
+    lock_held = threading.Event()
+
+    def hold():
+        with write_lock(home):
+            lock_held.set()
+            time.sleep(1.0)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    lock_held.wait()
+    waited = []
+    report = make_kb().ingest([corpus], wait=30, on_wait=waited.append)
+    t.join()
+    assert waited and len(report.added) == 3
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    from conftest import FakeEmbedder
+    from kb.api import KnowledgeBase
+    kb = KnowledgeBase({home!r}, embedder=FakeEmbedder(delay=0.05))
+    print("started", flush=True)
+    kb.ingest([{docs!r}])
+    """
+)
+
+
+def test_sigkill_halfway_leaves_a_usable_index_that_the_next_ingest_completes(make_kb, tmp_path, home):
+    docs = tmp_path / "many"
+    docs.mkdir()
+    for i in range(400):
+        (docs / f"doc{i:03}.md").write_text(f"# Note {i}\n\nThis is note number {i} about topic{i}.\n\n" + "filler words " * 300)
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), home=str(home), docs=str(docs))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=Path(__file__).parents[1])
+    proc.stdout.readline()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        time.sleep(0.2)
+        if (home / "kb.db").exists():
+            try:
+                if Store(home).counts()[0] >= 20:
+                    break
+            except Exception:
+                pass
+    proc.kill()
+    proc.wait()
+    kb = make_kb()
+    partial_docs, partial_chunks = _consistent(home)
+    assert 0 < partial_docs < 400
+    assert kb.search("topic7", k=1, mode="lexical")
+    assert kb.search("note", k=1, mode="dense")
+    report = kb.ingest([docs])
+    assert len(report.unchanged) == partial_docs and len(report.added) == 400 - partial_docs
+    assert _consistent(home)[0] == 400
+
+
+def test_stale_vector_cache_is_repaired_on_open(make_kb, corpus, home):
+    kb = make_kb()
+    kb.ingest([corpus])
+    cache = (home / "vectors.faiss").read_bytes()
+    (corpus / "beta.txt").write_text("Beta, rewritten entirely: nothing about decay any more.\n")
+    kb.ingest([corpus])
+    kb.close()
+    (home / "vectors.faiss").write_bytes(cache)  # as if the process died before saving the cache
+    _consistent(home)
+    (home / "vectors.faiss").write_bytes(b"garbage")
+    _consistent(home)
+
+
+def test_status(make_kb, corpus):
+    kb = make_kb()
+    assert kb.status()["ingested"] is False
+    kb.ingest([corpus])
+    s = kb.status()
+    assert s["documents"] == 3 and s["chunks"] >= 3 and s["embedding_model"] == "fake-embedder"
+    assert s["size_bytes"] > 0 and s["last_ingest"]
+
+
+def test_filters(make_kb, corpus):
+    from kb.retriever import Filters
+
+    kb = make_kb()
+    kb.ingest([corpus])
+    for mode in ("dense", "lexical", "hybrid"):
+        by_tag = kb.search("letter", k=5, mode=mode, filters=Filters(tags=["physics"]))
+        assert {Path(h.path).name for h in by_tag} <= {"gamma.md"}
+        by_type = kb.search("beta", k=5, mode=mode, filters=Filters(file_types=["txt"]))
+        assert by_type and all(h.path.endswith(".txt") for h in by_type)
+        by_date = kb.search("rays", k=5, mode=mode, filters=Filters(date_from="2023-01-01"))
+        assert all(not h.path.endswith("gamma.md") for h in by_date)
+        by_path = kb.search("gamma", k=5, mode=mode, filters=Filters(path="*/sub/*"))
+        assert by_path and all("/sub/" in h.path for h in by_path)
