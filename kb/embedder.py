@@ -136,7 +136,8 @@ class SentenceTransformerEmbedder:
                 self._model = SentenceTransformer(str(self.folder), device="cpu")
             except Exception as e:  # a broken folder surfaces as many different exception types
                 raise ModelNotFound(f"cannot load embedding model from {self.folder}: {e}") from e
-            self.dim = self._model.get_sentence_embedding_dimension()
+            get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+            self.dim = get_dim()
         return self._model
 
     def embed_batch(self, texts: Sequence[str]) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Personas: preset system prompts picked with --persona NAME."""

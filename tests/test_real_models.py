@@ -1,0 +1,112 @@
+"""The bundled models, for real: the numpy query encoder, and the CLI end to end on examples/."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kb.cli import cli
+from kb.embedder import NumpyBertEncoder, SentenceTransformerEmbedder, bundled_embedder_path
+
+pytestmark = pytest.mark.real
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(scope="module")
+def st_embedder():
+    return SentenceTransformerEmbedder()
+
+
+def test_numpy_query_encoder_equals_sentence_transformers(st_embedder):
+    queries = ["how often should I feed a sourdough starter", "番茄每天需要多少阳光", "x", "word " * 400]
+    assert NumpyBertEncoder.supports(bundled_embedder_path())
+    fast = SentenceTransformerEmbedder()  # a fresh one: its queries go through numpy, torch untouched
+    for q in queries:
+        a = fast.embed_query(q)
+        b = st_embedder.embed_batch([q])[0]
+        assert a.shape == b.shape == (384,)
+        assert float(a @ b) > 0.9999, q
+
+
+@pytest.fixture(scope="module")
+def example_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    result = CliRunner().invoke(cli, ["ingest", str(EXAMPLES), "--kb", str(home)])
+    assert result.exit_code == 0, result.output
+    return home, result.output
+
+
+def test_cli_ingest_reports(example_home):
+    _, output = example_home
+    assert "added 5" in output and "failed 0" in output
+
+
+def test_cli_search_finds_the_right_file_in_english_and_chinese(example_home):
+    home, _ = example_home
+    runner = CliRunner()
+    for query, expected in [
+        ("how often should I feed a sourdough starter", "sourdough.md"),
+        ("when do I need a new bike chain", "bike-maintenance.md"),
+        ("which wifi network does the printer use", "home-network.html"),
+        ("番茄每天需要多少阳光", "zh-garden.md"),
+    ]:
+        for mode in ("dense", "lexical", "hybrid"):
+            if mode == "dense" and not query.isascii():
+                continue  # the bundled embedder is English-only
+            result = runner.invoke(cli, ["search", query, "--kb", str(home), "--json", "-k", "3", "--mode", mode])
+            assert result.exit_code == 0, result.output
+            hits = json.loads(result.output)
+            assert hits[0]["path"].endswith(expected), (query, mode, [h["path"] for h in hits])
+
+
+def test_cli_status_and_forget(example_home, tmp_path):
+    home, _ = example_home
+    runner = CliRunner()
+    status = json.loads(runner.invoke(cli, ["status", "--kb", str(home), "--json"]).output)
+    assert status["documents"] == 5 and status["embedding_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    again = runner.invoke(cli, ["ingest", str(EXAMPLES), "--kb", str(home)])
+    assert "unchanged 5" in again.output and "added 0" in again.output
+
+
+def test_cli_errors_are_one_line_with_a_hint(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["search", "anything", "--kb", str(tmp_path / "none")])
+    assert result.exit_code == 1
+    assert "Error:" in result.output and "kb ingest" in result.output and "Traceback" not in result.output
+    result = runner.invoke(cli, ["ingest", str(tmp_path / "missing"), "--kb", str(tmp_path / "h")])
+    assert result.exit_code == 1 and "no such file" in result.output
+    result = runner.invoke(cli, ["ingest", str(EXAMPLES), "--kb", str(tmp_path / "h2"),
+                                 "--embedding-model", str(tmp_path / "no-model")])
+    assert result.exit_code == 1 and "not found" in result.output and "Traceback" not in result.output
+
+
+def test_python_m_kb_and_fast_help():
+    import subprocess
+    import sys
+    import time
+
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "kb", "--help"], capture_output=True, text=True, check=True)
+    assert "ingest" in out.stdout and "search" in out.stdout
+    probe = subprocess.run(
+        [sys.executable, "-c", "import kb.cli, sys; print(any(m in sys.modules for m in ('torch','sentence_transformers','unstructured','llama_cpp')))"],
+        capture_output=True, text=True, check=True,
+    )
+    assert probe.stdout.strip() == "False"
+
+
+def test_search_process_does_not_import_torch(example_home):
+    import subprocess
+    import sys
+
+    home, _ = example_home
+    code = (
+        "import sys; from kb.api import KnowledgeBase; "
+        f"hits = KnowledgeBase({str(home)!r}).search('sourdough feeding', 1); "
+        "print(hits[0].path.endswith('sourdough.md'), 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"]
