@@ -1,0 +1,200 @@
+"""Ingest and search speed: prints a table and one JSON object.
+
+    python benchmarks/ingest.py [--limit N] [--skip-pdf] [--chunks 100000]
+
+1. `kb ingest` of the rust-blog corpus from a cold process: wall time, files/s, chunks/s, peak RSS, and the
+   split into parse, chunk, embed and store (parse and chunk overlap with embedding; they are summed
+   separately).
+2. The embedding model alone, from a cold process, on exactly the texts kb embedded (same batch size).
+3. A re-ingest with no change.
+4. `kb ingest` of the PDF corpus.
+5. `kb search` from a cold process, and in-process query latency over a synthetic index of --chunks chunks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "corpora"
+KB = [sys.executable, "-m", "kb"]
+
+
+def run_child(cmd: list[str], **kw) -> tuple[float, float, subprocess.CompletedProcess]:
+    """(wall seconds, peak RSS MB of this child, result). Children are run one at a time."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if proc.returncode not in (0,):
+        sys.stderr.write(proc.stderr[-3000:])
+    return wall, max(after, before) / 1024, proc
+
+
+def ingest(folder: Path, home: Path) -> dict:
+    wall, rss, proc = run_child([*KB, "ingest", str(folder), "--kb", str(home), "--json"])
+    report = json.loads(proc.stdout)
+    files = len(report["added"]) + len(report["updated"])
+    return {
+        "wall_s": round(wall, 2),
+        "files": files,
+        "failed": len(report["failed"]),
+        "chunks": report["chunks"],
+        "files_per_s": round(files / wall, 2),
+        "chunks_per_s": round(report["chunks"] / wall, 2),
+        "peak_rss_mb": round(rss),
+        "split_s": report["timings"],
+    }
+
+
+MODEL_ALONE = """
+import json, sys, time
+t0 = time.perf_counter()
+from sentence_transformers import SentenceTransformer
+from kb.embedder import bundled_embedder_path
+texts = json.load(open(sys.argv[1]))
+model = SentenceTransformer(str(bundled_embedder_path()), device="cpu")
+t1 = time.perf_counter()
+model.encode(texts, batch_size=64, normalize_embeddings=True)
+t2 = time.perf_counter()
+print(json.dumps({"load_s": t1 - t0, "encode_s": t2 - t1}))
+"""
+
+
+def model_alone(home: Path) -> dict:
+    """The model alone on the texts kb embedded: the chunk text with its title/heading prefix."""
+    from ingest.chunk import _context_prefix
+    from kb.store import Store
+
+    store = Store(home)
+    rows = store.db.execute(
+        "SELECT d.title, c.heading, c.text FROM chunks c JOIN documents d ON d.id = c.doc_id"
+    ).fetchall()
+    store.close()
+    texts = [_context_prefix(title or "", heading or "") + text for title, heading, text in rows]
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(texts, f)
+    wall, rss, proc = run_child([sys.executable, "-c", MODEL_ALONE, f.name])
+    os.unlink(f.name)
+    inner = json.loads(proc.stdout)
+    return {"wall_s": round(wall, 2), "encode_s": round(inner["encode_s"], 2), "texts": len(texts),
+            "chunks_per_s": round(len(texts) / inner["encode_s"], 2)}
+
+
+def synthetic_search(n_chunks: int, queries: int = 50) -> dict:
+    """In-process query latency at n_chunks: random unit vectors, real SQLite/FTS rows, real query encoder."""
+    import numpy as np
+
+    from kb.api import KnowledgeBase
+    from kb.embedder import BUNDLED_EMBEDDER_ID
+    from kb.store import Store
+    from kb.text import lexical_document
+
+    rng = np.random.default_rng(0)
+    words = "rust cargo async trait borrow lifetime macro crate compiler release edition memory thread".split()
+    home = Path(tempfile.mkdtemp(prefix="kb-bench-"))
+    store = Store(home, create=True)
+    store.bind_model(BUNDLED_EMBEDDER_ID, 384, 254, 32)
+    vecs = rng.standard_normal((n_chunks, 384)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    with store.db.conn:
+        per_doc = 20
+        for d in range(n_chunks // per_doc):
+            store.db.execute(
+                "INSERT INTO documents (id, path, root, file_type, title, hash, size, mtime, metadata, tags, n_chunks) "
+                "VALUES (?, ?, '/', 'markdown', ?, '', 0, 0, '{}', '[]', ?)",
+                [d + 1, f"/synthetic/{d}.md", f"Doc {d}", per_doc],
+            )
+        for i in range(n_chunks):
+            text = " ".join(rng.choice(words, 60)) + f" token{i}"
+            store.db.execute(
+                "INSERT INTO chunks (id, doc_id, ord, text, heading, n_tokens, vector) VALUES (?, ?, ?, ?, '', 60, ?)",
+                [i + 1, i // per_doc + 1, i % per_doc, text, vecs[i].tobytes()],
+            )
+            store.db.execute("INSERT INTO chunks_fts (rowid, terms) VALUES (?, ?)", [i + 1, lexical_document(text)])
+        store._bump_generation()
+    store.save_vectors()
+    store.close()
+    kb = KnowledgeBase(home)
+    out = {}
+    for mode in ("dense", "lexical", "hybrid"):
+        kb.search("warm up the caches", 5, mode=mode)
+        times = []
+        for q in range(queries):
+            query = " ".join(rng.choice(words, 6))
+            t = time.perf_counter()
+            kb.search(query, 5, mode=mode)
+            times.append((time.perf_counter() - t) * 1000)
+        out[mode] = {"p50_ms": round(statistics.median(times), 2), "p95_ms": round(sorted(times)[int(0.95 * len(times))], 2)}
+    kb.close()
+    shutil.rmtree(home)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--limit", type=int, default=0, help="only the first N rust-blog posts (0: all)")
+    parser.add_argument("--skip-pdf", action="store_true")
+    parser.add_argument("--chunks", type=int, default=100_000, help="size of the synthetic search index")
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    work = Path(tempfile.mkdtemp(prefix="kb-bench-"))
+    blog = DATA / "rust-blog"
+    if args.limit:
+        subset = work / "rust-blog"
+        for f in sorted(blog.rglob("*.md"))[: args.limit]:
+            target = subset / f.relative_to(blog)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, target)
+        blog = subset
+    results: dict = {"corpus": str(blog), "cpu_count": os.cpu_count()}
+    home = work / "home"
+    results["rust_blog"] = ingest(blog, home)
+    results["model_alone"] = model_alone(home)
+    results["ratio_kb_to_model_alone"] = round(results["rust_blog"]["wall_s"] / results["model_alone"]["wall_s"], 3)
+    wall, _, _ = run_child([*KB, "ingest", str(blog), "--kb", str(home), "-q"])
+    results["reingest_no_change_s"] = round(wall, 2)
+    wall, _, proc = run_child([*KB, "search", "how do I use async functions", "--kb", str(home)])
+    results["search_cold_process_s"] = round(wall, 2)
+    if not args.skip_pdf:
+        results["pdf"] = ingest(DATA / "pdf", work / "home-pdf")
+    results["search_in_process"] = synthetic_search(args.chunks)
+    results["search_in_process"]["chunks"] = args.chunks
+    shutil.rmtree(work)
+
+    rb, ma = results["rust_blog"], results["model_alone"]
+    rows = [
+        ("rust-blog ingest, cold process", f"{rb['wall_s']} s", f"{rb['files']} files, {rb['chunks']} chunks"),
+        ("  files/s, chunks/s", f"{rb['files_per_s']}, {rb['chunks_per_s']}", f"peak RSS {rb['peak_rss_mb']} MB"),
+        ("  parse / chunk / embed / store", " / ".join(str(rb["split_s"][k]) for k in ("parse", "chunk", "embed", "store")), "seconds (parse+chunk overlap embed)"),
+        ("embedding model alone, cold process", f"{ma['wall_s']} s", f"encode {ma['encode_s']} s, {ma['chunks_per_s']} chunks/s"),
+        ("kb / model alone", str(results["ratio_kb_to_model_alone"]), "target <= 1.15"),
+        ("re-ingest, no change", f"{results['reingest_no_change_s']} s", "target < 5 s"),
+        ("kb search, cold process", f"{results['search_cold_process_s']} s", ""),
+    ]
+    if "pdf" in results:
+        p = results["pdf"]
+        rows.append(("pdf corpus ingest", f"{p['wall_s']} s", f"{p['files']} files ({p['failed']} failed), {p['chunks']} chunks, peak RSS {p['peak_rss_mb']} MB"))
+    for mode, lat in results["search_in_process"].items():
+        if isinstance(lat, dict):
+            rows.append((f"search in process, {mode}", f"p50 {lat['p50_ms']} ms", f"p95 {lat['p95_ms']} ms at {args.chunks} chunks"))
+    width = max(len(r[0]) for r in rows)
+    for name, value, note in rows:
+        print(f"{name:<{width}}  {value:<22} {note}")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
