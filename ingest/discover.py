@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 FILE_TYPES = {
     ".md": "markdown",
@@ -115,4 +114,4 @@ def is_under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-__all__ = ["Candidate", "Discovery", "discover", "file_type_of", "is_under", "FILE_TYPES", "Path"]
+__all__ = ["Candidate", "Discovery", "discover", "file_type_of", "is_under", "FILE_TYPES"]

@@ -13,13 +13,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from ingest.chunk import PreparedChunk, chunk_document
-from ingest.discover import Candidate, discover, is_under
+from ingest.discover import Candidate, discover
 from ingest.parse import parse_file
 from kb.embedder import Embedder
 from kb.errors import KBError
@@ -211,4 +210,4 @@ def _os_reason(e: OSError) -> str:
     return e.strerror or str(e)
 
 
-__all__ = ["run_ingest", "file_hash", "Path", "is_under"]
+__all__ = ["run_ingest", "file_hash"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Sequence
 
 from kb.config import Settings, kb_home
@@ -143,4 +142,4 @@ class KnowledgeBase:
         self.close()
 
 
-__all__ = ["KnowledgeBase", "Filters", "Path"]
+__all__ = ["KnowledgeBase", "Filters"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 HOME_ENV = "KB_HOME"
@@ -52,7 +52,7 @@ class Settings:
             with config_file.open("rb") as f:
                 values.update(tomllib.load(f))
         known = {f.name: f for f in fields(cls)}
-        for name, spec in known.items():
+        for name in known:
             env = os.environ.get(f"KB_{name.upper()}")
             if env is not None and name != "extra":
                 values[name] = env
@@ -65,6 +65,3 @@ class Settings:
             default = getattr(cls, name)
             typed[name] = type(default)(value) if not isinstance(value, type(default)) else value
         return cls(**typed, extra=extra)
-
-    def with_(self, **overrides) -> "Settings":
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})

@@ -410,7 +410,7 @@ class Store:
         ids = [r[0] for r in self.db.execute("SELECT id FROM chunks WHERE doc_id = ?", [doc_id]).fetchall()]
         if ids:
             self.db.execute(
-                f"DELETE FROM chunks_fts WHERE rowid IN (SELECT id FROM chunks WHERE doc_id = ?)", [doc_id]
+                "DELETE FROM chunks_fts WHERE rowid IN (SELECT id FROM chunks WHERE doc_id = ?)", [doc_id]
             )
             self.db.execute("DELETE FROM chunks WHERE doc_id = ?", [doc_id])
         return ids

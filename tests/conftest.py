@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kb.embedder import BUNDLED_EMBEDDER_ID, Tokenizer, bundled_embedder_path
+from kb.embedder import Tokenizer, bundled_embedder_path
 from kb.text import lexical_terms
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -106,4 +106,4 @@ def corpus(tmp_path):
     return root
 
 
-__all__ = ["FakeEmbedder", "SHARED_DATA", "BUNDLED_EMBEDDER_ID"]
+__all__ = ["FakeEmbedder", "SHARED_DATA"]
