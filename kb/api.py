@@ -1,4 +1,4 @@
-"""The Python API: `KnowledgeBase(path)` with ingest, search, forget and status."""
+"""The Python API: `KnowledgeBase(path)` with ingest, search, ask, forget and status; `Chat` for conversations."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import os
 import time
 from typing import Sequence
 
+from kb.answer import Answer, AnswerStream, Source, pack_passages, refusal_text, relevance
 from kb.config import Settings, kb_home
 from kb.embedder import Embedder, SentenceTransformerEmbedder
-from kb.errors import NotIngested
+from kb.errors import BadQuestion, NotIngested
+from kb.generator import Generator
+from kb.prompting import persona_text, render_template
 from kb.retriever import CrossEncoderReranker, Filters, Reranker, Retriever, SearchResult
 from kb.store import Store, write_lock
 from kb.types import Hit, IngestReport
@@ -26,6 +29,7 @@ class KnowledgeBase:
         *,
         embedding_model: str | None = None,
         embedder: Embedder | None = None,
+        generator: Generator | None = None,
         reranker: Reranker | str | None = None,
         settings: Settings | None = None,
         **overrides,
@@ -33,6 +37,7 @@ class KnowledgeBase:
         self.home = kb_home(path)
         self.settings = settings or Settings.load(self.home, embedding_model=embedding_model, **overrides)
         self._embedder = embedder
+        self._generator = generator
         self._reranker = CrossEncoderReranker(reranker) if isinstance(reranker, str) else reranker
         self._store: Store | None = None
 
@@ -54,6 +59,19 @@ class KnowledgeBase:
                 name or None, batch_size=self.settings.embed_batch_size, threads=self.settings.threads
             )
         return self._embedder
+
+    @property
+    def generator(self) -> Generator:
+        """The chat model: the bundled SmolLM2 GGUF unless `model` is set. Loaded once per process."""
+        if self._generator is None:
+            from kb.generator import LlamaGenerator, LlamaOptions
+
+            s = self.settings
+            self._generator = LlamaGenerator(s.model or None, options=LlamaOptions(
+                n_ctx=s.ctx, n_threads=s.threads, n_gpu_layers=s.gpu_layers, seed=s.seed,
+                verbose=bool(s.extra.get("verbose", False)),
+            ))
+        return self._generator
 
     # --- write side -----------------------------------------------------------------------------
 
@@ -106,6 +124,91 @@ class KnowledgeBase:
             query, k or self.settings.top_k, mode=mode or self.settings.search_mode, filters=filters
         )
 
+    def ask(self, question: str, **options) -> Answer:
+        """A cited answer to `question` from the ingested documents, or a refusal when they lack it.
+
+        Options (keyword): k, mode, filters, persona, max_tokens, temperature, seed, min_score, log.
+        """
+        return self.ask_stream(question, **options).result()
+
+    def ask_stream(self, question: str, **options) -> AnswerStream:
+        """Like `ask`, but iterate over the result to receive the answer token by token."""
+        return self._answer(question, question, **options)
+
+    def _answer(self, question: str, standalone: str, *, k: int | None = None, mode: str | None = None,
+                filters: Filters | None = None, persona: str | None = None, max_tokens: int | None = None,
+                temperature: float | None = None, seed: int | None = None, min_score: float | None = None,
+                log: bool = True, history: list[dict] | None = None, summary: str = "",
+                conversation_id: int | None = None, on_done=None) -> AnswerStream:
+        from kb import history as history_log
+
+        if not question or not question.strip():
+            raise BadQuestion("the question is empty", hint="ask something, e.g. kb ask \"what is ...?\"")
+        s = self.settings
+        t0 = time.perf_counter()
+        timings: dict = {"_t0": t0}
+        generator = self.generator  # a bad --model fails here, before any work; loading waits until needed
+        result = self.search_result(standalone, k, mode=mode, filters=filters)
+        hits = result.hits
+        signals = relevance(self._open_store(), standalone, result.query_vector, hits)
+        timings["retrieve_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+        threshold = s.min_score if min_score is None else min_score
+        relevant = [h for h, sig in zip(hits, signals) if sig["score"] >= threshold]
+        store = self._open_store()
+
+        def done(answer: Answer) -> None:
+            if log:
+                history_log.log_ask(store, answer, conversation_id=conversation_id)
+            if on_done:
+                on_done(answer)
+
+        if not relevant:
+            closest = [Source.from_hit(i + 1, h, sig["score"]) for i, (h, sig) in enumerate(zip(hits, signals))]
+            return AnswerStream(question=question, standalone=standalone, sources=closest, refused=True,
+                                model="", timings=timings, pieces=None, on_done=done,
+                                refusal=refusal_text(question))
+        t = time.perf_counter()
+        n_ctx = generator.n_ctx  # loads the model
+        timings["load_ms"] = round((time.perf_counter() - t) * 1000, 1)
+        system = render_template("chat_system", self.home,
+                                 persona=persona_text(persona if persona is not None else s.persona, self.home))
+        if summary:
+            system += "\n\nSummary of the conversation so far: " + summary
+
+        def build(passages: str) -> list[dict]:
+            user = render_template("answer", self.home, passages=passages, question=standalone)
+            return [{"role": "system", "content": system}, *(history or []), {"role": "user", "content": user}]
+
+        t = time.perf_counter()
+        packed = pack_passages(generator, relevant, build, max_tokens or s.max_tokens)
+        timings["pack_ms"] = round((time.perf_counter() - t) * 1000, 1)
+        timings.update(prompt_tokens=packed.prompt_tokens, n_ctx=n_ctx, passages=len(packed.hits),
+                       passages_dropped=len(relevant) - len(packed.hits))
+        score = {h.chunk_id: sig["score"] for h, sig in zip(hits, signals)}
+        sources = [Source.from_hit(i + 1, h, score[h.chunk_id], text)
+                   for i, (h, text) in enumerate(zip(packed.hits, packed.texts))]
+        pieces = generator.stream(
+            packed.prompt, max_tokens=packed.max_tokens,
+            temperature=s.temperature if temperature is None else temperature,
+            seed=s.seed if seed is None else seed,
+        )
+        return AnswerStream(question=question, standalone=standalone, sources=sources, refused=False,
+                            model=generator.model_id, timings=timings, pieces=pieces, on_done=done)
+
+    def chat(self, *, persona: str | None = None, resume: bool = False) -> "Chat":
+        """A multi-turn conversation; `resume=True` continues the most recent one."""
+        from kb.chat import Chat
+
+        return Chat(self, persona=persona, resume=resume)
+
+    def log(self, limit: int = 10) -> list[dict]:
+        """The most recent asks, newest first."""
+        from kb.history import recent_asks
+
+        if not (self.home / "kb.db").exists():
+            return []
+        return recent_asks(self._open_store(), limit)
+
     def status(self) -> dict:
         """Documents, chunks, embedding model, size on disk, last ingest."""
         if not (self.home / "kb.db").exists():
@@ -142,4 +245,4 @@ class KnowledgeBase:
         self.close()
 
 
-__all__ = ["KnowledgeBase", "Filters"]
+__all__ = ["KnowledgeBase", "Filters", "Answer", "Source"]

@@ -191,6 +191,267 @@ def search(query, home, k, mode, reranker, path_glob, tags, date_from, date_to, 
         click.echo("    " + (text[:400] + ("…" if len(text) > 400 else "")))
 
 
+# --- ask and chat --------------------------------------------------------------------------------
+
+
+def model_options(fn):
+    """Options of the chat model; each also reads config.toml and KB_<NAME> (see README)."""
+    for option in reversed([
+        click.option("--model", "model", help="A GGUF model file (default: the bundled SmolLM2-135M-Instruct)."),
+        click.option("--ctx", type=int, help="Context window in tokens (default 2048)."),
+        click.option("--threads", type=int, help="CPU threads (default: all cores)."),
+        click.option("--gpu-layers", type=int, help="Layers to offload to the GPU (needs a GPU build of llama-cpp-python)."),
+        click.option("--temperature", type=float, help="Sampling temperature (default 0.2)."),
+        click.option("--max-tokens", type=int, help="Longest answer in tokens (default 256)."),
+        click.option("--seed", type=int, help="Sampling seed (default 0)."),
+        click.option("--persona", help="System-prompt preset; `kb personas` lists them."),
+        click.option("--verbose", is_flag=True, help="Show llama.cpp's own log (e.g. layers offloaded to the GPU)."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def retrieval_options(fn):
+    for option in reversed([
+        click.option("-k", "k", type=int, default=None, help="Passages to retrieve (default 5)."),
+        click.option("--mode", type=click.Choice(["dense", "lexical", "hybrid"]), help="Retrieval mode (default hybrid)."),
+        click.option("--min-score", type=float, help="Relevance below which kb refuses to answer (default 0.5; 0 never refuses)."),
+        click.option("--reranker", type=click.Path(exists=True, file_okay=False), help="Local CrossEncoder model folder to rerank with."),
+    ]):
+        fn = option(fn)
+    return filter_options(fn)
+
+
+def open_for_answers(home, model, ctx, threads, gpu_layers, temperature, max_tokens, seed, persona, verbose,
+                     min_score, reranker):
+    return _open(home, model=model, ctx=ctx, threads=threads, gpu_layers=gpu_layers, temperature=temperature,
+                 max_tokens=max_tokens, seed=seed, persona=persona, min_score=min_score, reranker=reranker,
+                 verbose=verbose or None)
+
+
+def source_line(source, *, closest: bool = False) -> str:
+    where = hit_location(source)
+    label = f"[{source.n}] {source.title or source.path}" + (f" — {where}" if where else "")
+    mark = f"  (relevance {source.relevance:.2f})" if closest else ("  ✓ cited" if source.cited else "")
+    return f"{label}{mark}\n    {source.path}"
+
+
+def print_answer_stream(stream, *, live: bool) -> None:
+    """Print an answer as it is generated (live) or at the end, then its sources, to stdout."""
+    if live:
+        for piece in stream:
+            click.echo(piece, nl=False)
+        click.echo()
+    else:
+        click.echo(stream.result().text)
+    answer = stream.answer
+    if answer.refused:
+        if answer.sources:
+            click.secho("\nClosest passages found (not relevant enough to answer from):", bold=True)
+            for source in answer.sources[:3]:
+                click.echo(source_line(source, closest=True))
+        return
+    click.secho("\nSources:", bold=True)
+    for source in answer.sources:
+        click.echo(source_line(source))
+
+
+@cli.command()
+@click.argument("question")
+@HOME_OPTION
+@model_options
+@retrieval_options
+@click.option("--no-stream", is_flag=True, help="Print the answer only when it is complete.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object {answer, refused, sources, model, timings}.")
+@translate_errors
+def ask(question, home, model, ctx, threads, gpu_layers, temperature, max_tokens, seed, persona, verbose,
+        k, mode, min_score, reranker, path_glob, tags, date_from, date_to, file_types, no_stream, as_json):
+    """Answer QUESTION from your documents, citing the passages used; refuse when they lack the answer."""
+    kb = open_for_answers(home, model, ctx, threads, gpu_layers, temperature, max_tokens, seed, persona, verbose,
+                          min_score, reranker)
+    stream = kb.ask_stream(question, k=k, mode=mode,
+                           filters=make_filters(path_glob, tags, date_from, date_to, file_types))
+    if as_json:
+        click.echo(json.dumps(stream.result().to_dict(), ensure_ascii=False, indent=2))
+        return
+    print_answer_stream(stream, live=not no_stream and sys.stdout.isatty())
+
+
+CHAT_HELP = "Commands: /sources, /reset, /persona NAME, /exit (or Ctrl-D)."
+
+
+@cli.command()
+@HOME_OPTION
+@model_options
+@retrieval_options
+@click.option("--continue", "resume", is_flag=True, help="Resume the most recent conversation.")
+@translate_errors
+def chat(home, model, ctx, threads, gpu_layers, temperature, max_tokens, seed, persona, verbose,
+         k, mode, min_score, reranker, path_glob, tags, date_from, date_to, file_types, resume):
+    """A conversation with your documents; follow-up questions understand what came before."""
+    kb = open_for_answers(home, model, ctx, threads, gpu_layers, temperature, max_tokens, seed, None, verbose,
+                          min_score, reranker)
+    conversation = kb.chat(persona=persona, resume=resume)
+    filters = make_filters(path_glob, tags, date_from, date_to, file_types)
+    click.echo(f"kb chat (conversation {conversation.id}, persona {conversation.persona}). {CHAT_HELP}", err=True)
+    live = sys.stdout.isatty()
+    while True:
+        try:
+            line = input("you> " if sys.stdin.isatty() else "").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, arg = line.partition(" ")
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/reset":
+                conversation.reset()
+                click.echo(f"New conversation {conversation.id}.", err=True)
+            elif command == "/sources":
+                for source in conversation.sources:
+                    click.echo(source_line(source))
+                if not conversation.sources:
+                    click.echo("No sources yet.", err=True)
+            elif command == "/persona" and arg.strip():
+                try:
+                    conversation.set_persona(arg.strip())
+                    click.echo(f"Persona: {conversation.persona}.", err=True)
+                except KBError as e:
+                    click.echo(f"Error: {e}" + (f"\nHint: {e.hint}" if e.hint else ""), err=True)
+            else:
+                click.echo(CHAT_HELP, err=True)
+            continue
+        try:
+            stream = conversation.stream(line, k=k, mode=mode, filters=filters)
+            if live:
+                click.echo("kb> ", nl=False)
+            for piece in stream if live else [stream.result().text]:
+                click.echo(piece, nl=False)
+            click.echo()
+        except KeyboardInterrupt:
+            click.echo("\n(stopped; this answer was not kept)", err=True)
+        except KBError as e:
+            click.echo(f"Error: {e}" + (f"\nHint: {e.hint}" if e.hint else ""), err=True)
+
+
+@cli.command(name="log")
+@HOME_OPTION
+@click.option("-n", "limit", type=int, default=10, show_default=True, help="How many recent asks.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@translate_errors
+def log_command(home, limit, as_json):
+    """Recent questions with their answers, sources, model and timings."""
+    entries = _open(home).log(limit)
+    if as_json:
+        click.echo(json.dumps(entries, ensure_ascii=False, indent=2))
+        return
+    if not entries:
+        click.echo("No questions asked yet.")
+    for e in entries:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["at"]))
+        mark = " (refused)" if e["refused"] else ""
+        click.secho(f"#{e['id']} {when} {e['model'] or '-'}{mark}  {e['timings'].get('total_ms', 0) / 1000:.1f} s", bold=True)
+        click.echo(f"  Q: {e['question']}")
+        answer = " ".join(e["answer"].split())
+        click.echo(f"  A: {answer[:300]}{'…' if len(answer) > 300 else ''}")
+        cited = [s for s in e["sources"] if s.get("cited")] or ([] if e["refused"] else e["sources"])
+        for s in cited:
+            click.echo(f"     [{s['n']}] {s['path']}")
+
+
+@cli.command()
+@HOME_OPTION
+@translate_errors
+def personas(home):
+    """List the personas (system-prompt presets) for --persona and /persona."""
+    from kb.config import kb_home
+    from kb.prompting import personas as list_personas
+
+    home_dir = kb_home(home)
+    for name, (origin, text) in list_personas(home_dir).items():
+        click.secho(name, bold=True, nl=False)
+        click.echo(f"  ({origin})  {text}")
+    click.echo(f"\nAdd your own as {home_dir / 'personas' / 'NAME.txt'}.", err=True)
+
+
+# --- eval ----------------------------------------------------------------------------------------
+
+
+@cli.group(name="eval")
+def eval_group():
+    """Measure retrieval and answers on a question set (SQuAD JSON, or a BEIR folder for retrieval)."""
+
+
+EVAL_HOME = click.option("--keep", "keep", type=click.Path(file_okay=False),
+                         help="Index the passages in this folder and keep it (reruns only re-ingest changes); default: a temporary folder.")
+
+
+@eval_group.command(name="retrieval")
+@click.argument("file", type=click.Path(exists=True))
+@click.option("--mode", type=click.Choice(["dense", "lexical", "hybrid", "all"]), default="hybrid", show_default=True)
+@click.option("--limit", type=int, help="Only the first N questions.")
+@EVAL_HOME
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (a list with --mode all).")
+@translate_errors
+def eval_retrieval_command(file, mode, limit, keep, as_json):
+    """Recall@1/5/10, MRR@10, nDCG@10 and query latency, with each passage indexed as a document."""
+    import tempfile
+
+    from kb.evaluate import eval_retrieval
+
+    modes = ("dense", "lexical", "hybrid") if mode == "all" else (mode,)
+    with tempfile.TemporaryDirectory(prefix="kb-eval-") as tmp:
+        results = eval_retrieval(file, modes=modes, limit=limit, home=keep or tmp,
+                                 progress=ProgressPrinter(quiet=as_json))
+    if as_json:
+        click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+        return
+    click.echo(f"{file}: {results[0]['documents']} documents, {results[0]['queries']} queries")
+    click.echo(f"{'mode':8} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'MRR@10':>7} {'nDCG@10':>8} {'p50 ms':>7} {'p95 ms':>7}")
+    for r in results:
+        click.echo(f"{r['mode']:8} {r['recall@1']:6.3f} {r['recall@5']:6.3f} {r['recall@10']:6.3f} {r['mrr@10']:7.3f} "
+                   f"{r['ndcg@10']:8.3f} {r['latency_ms_p50']:7.1f} {r['latency_ms_p95']:7.1f}")
+
+
+@eval_group.command(name="answers")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--limit", type=int, help="Only the first N answerable questions (and N/5 unanswerable ones).")
+@EVAL_HOME
+@model_options
+@click.option("-k", "k", type=int, default=None, help="Passages to retrieve (default 5).")
+@click.option("--min-score", type=float, help="Refusal threshold (default 0.5).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@translate_errors
+def eval_answers_command(file, limit, keep, model, ctx, threads, gpu_layers, temperature, max_tokens, seed,
+                         persona, verbose, k, min_score, as_json):
+    """Exact match, F1, citation accuracy, and the refusal rate on questions whose passage is not indexed."""
+    import tempfile
+
+    from kb.evaluate import eval_answers
+
+    done = [0]
+
+    def tick(question, answer, em, f1):
+        done[0] += 1
+        if not as_json and sys.stderr.isatty():
+            click.echo(f"\r{done[0]} questions", nl=False, err=True)
+
+    options = dict(model=model, ctx=ctx, threads=threads, gpu_layers=gpu_layers, temperature=temperature,
+                   max_tokens=max_tokens, seed=seed, persona=persona, min_score=min_score, verbose=verbose or None)
+    with tempfile.TemporaryDirectory(prefix="kb-eval-") as tmp:
+        result = eval_answers(file, limit=limit, home=keep or tmp, progress=ProgressPrinter(quiet=as_json),
+                              on_question=tick, ask_options={"k": k} if k else None,
+                              **{k_: v for k_, v in options.items() if v is not None})
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"\n{file}: {result['questions']} answerable questions, {result['unanswerable_questions']} unanswerable")
+    for key in ("exact_match", "f1", "citation_accuracy", "refused_answerable", "refusal_rate"):
+        click.echo(f"  {key:20} {result[key]:.3f}")
+
+
 @cli.command()
 @HOME_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")

@@ -39,8 +39,9 @@ class Settings:
     temperature: float = 0.2
     max_tokens: int = 256
     seed: int = 0
-    # answers are refused without calling the model when the best passage scores below this
-    min_score: float = 0.0
+    # answers are refused without calling the model when no passage's relevance reaches this;
+    # 0.5 means "clears one calibrated signal" (kb/answer.py, docs/answers.md); 0 never refuses
+    min_score: float = 0.5
     persona: str = ""
     extra: dict = field(default_factory=dict)
 

@@ -102,6 +102,30 @@ class Embedder(Protocol):
     def embed_query(self, text: str) -> np.ndarray: ...
 
 
+def model_card_languages(folder: Path) -> set[str] | None:
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return None
+    end = text.find("\n---", 3)
+    if end < 0:
+        return None
+    import yaml
+
+    try:
+        card = yaml.safe_load(text[3:end]) or {}
+    except yaml.YAMLError:
+        return None
+    language = card.get("language") if isinstance(card, dict) else None
+    if isinstance(language, str):
+        return {language.lower()}
+    if isinstance(language, list) and language:
+        return {str(x).lower() for x in language}
+    return None
+
+
 class SentenceTransformerEmbedder:
     """A local sentence-transformers model folder; the heavy libraries load on first use."""
 
@@ -121,6 +145,11 @@ class SentenceTransformerEmbedder:
     @cached_property
     def tokenizer(self) -> Tokenizer:
         return Tokenizer(self.folder)
+
+    @cached_property
+    def languages(self) -> set[str] | None:
+        """The languages the model card (README.md front matter, `language:`) declares; None if it says nothing."""
+        return model_card_languages(self.folder)
 
     @property
     def model(self):

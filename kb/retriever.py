@@ -6,6 +6,12 @@ top hit). A retriever that cannot tell passages apart for this query, such as an
 facing a Chinese question, returns a flat list, gets a small weight, and cannot drag the fused ranking
 down; one that is sure of its answer leads. Rank-based fusion (RRF) lacks that signal and lets a weak
 retriever's noise halve a strong one's lead.
+
+Language. A flat list is not the only way a retriever can be weak: an English-only embedder facing a
+Chinese question can return a confident-looking but meaningless ranking. So the embedder's model card is
+read (`language:` in its README front matter), and when it does not list a language written in the query's
+script, hybrid search leaves the dense ranking out for that query. Models that declare nothing, or
+"multilingual", are trusted.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import numpy as np
 from kb.embedder import Embedder
 from kb.errors import BadQuestion
 from kb.store import Store
-from kb.text import fts_query
+from kb.text import fts_query, model_covers
 from kb.types import Hit
 
 MODES = ("dense", "lexical", "hybrid")
@@ -100,6 +106,7 @@ class SearchResult:
     hits: list[Hit]
     mode: str
     timings: dict = field(default_factory=dict)
+    query_vector: np.ndarray | None = None  # set when the dense retriever ran
 
 
 class Retriever:
@@ -114,17 +121,28 @@ class Retriever:
         if mode not in MODES:
             raise BadQuestion(f"unknown search mode {mode!r}", hint=f"use one of {', '.join(MODES)}")
         timings: dict = {}
+        requested = mode
         allowed = self._allowed(filters)
         n = max(k, CANDIDATES) if mode == "hybrid" or self.reranker else k
-        dense = lexical = None
+        dense = lexical = vector = None
+        if mode == "hybrid" and not self.dense_covers(query):
+            # The embedder's model card does not list the query's language: its ranking is noise here.
+            mode = "lexical"
+            timings["dense_skipped"] = True
         if mode in ("dense", "hybrid"):
             t = time.perf_counter()
-            dense = self._dense(query, n, allowed)
+            vector = self.embedder.embed_query(query)
+            dense = self._dense(vector, n, allowed)
             timings["dense_ms"] = (time.perf_counter() - t) * 1000
         if mode in ("lexical", "hybrid"):
             t = time.perf_counter()
             lexical = self.store.lexical_search(fts_query(query), n, allowed)
             timings["lexical_ms"] = (time.perf_counter() - t) * 1000
+        if timings.get("dense_skipped") and not lexical:
+            t = time.perf_counter()
+            vector = self.embedder.embed_query(query)
+            lexical = self._dense(vector, n, allowed)  # no term matched at all: the dense guess beats nothing
+            timings["dense_ms"] = (time.perf_counter() - t) * 1000
         if mode == "hybrid":
             scored = fuse([dense, lexical])
         else:
@@ -134,11 +152,13 @@ class Retriever:
             t = time.perf_counter()
             hits = self.reranker.rerank(query, hits)
             timings["rerank_ms"] = (time.perf_counter() - t) * 1000
-        return SearchResult(hits=hits[:k], mode=mode, timings=timings)
+        return SearchResult(hits=hits[:k], mode=requested, timings=timings, query_vector=vector)
 
-    def _dense(self, query: str, n: int, allowed: set[int] | None) -> list[tuple[int, float]]:
+    def dense_covers(self, query: str) -> bool:
+        return model_covers(getattr(self.embedder, "languages", None), query)
+
+    def _dense(self, vector: np.ndarray, n: int, allowed: set[int] | None) -> list[tuple[int, float]]:
         self.store.check_model(self.embedder.model_id)
-        vector = self.embedder.embed_query(query)
         index = self.store.vectors()
         if allowed is None:
             return index.search(vector, n)

@@ -26,7 +26,7 @@ from kb.errors import Locked, ModelMismatch, NotIngested
 from kb.text import lexical_document
 from kb.types import Chunk, Hit
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "kb.db"
 INDEX_NAME = "vectors.faiss"
 LOCK_NAME = "write.lock"
@@ -83,6 +83,26 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     )
     db["ingests"].create(
         {"id": int, "started_at": float, "finished_at": float, "paths": str, "report": str}, pk="id"
+    )
+
+
+@migration
+def m002_asks_and_conversations(db: sqlite_utils.Database) -> None:
+    db["conversations"].create(
+        {"id": int, "started_at": float, "updated_at": float, "persona": str, "summary": str, "title": str},
+        pk="id",
+    )
+    db["messages"].create(
+        {"id": int, "conversation_id": int, "role": str, "content": str, "sources": str, "at": float,
+         "summarized": int},
+        pk="id",
+        foreign_keys=[("conversation_id", "conversations", "id")],
+    )
+    db["messages"].create_index(["conversation_id"])
+    db["asks"].create(
+        {"id": int, "at": float, "question": str, "standalone": str, "answer": str, "refused": int,
+         "sources": str, "model": str, "timings": str, "conversation_id": int},
+        pk="id",
     )
 
 
@@ -251,6 +271,7 @@ class Store:
         self.db.execute("PRAGMA foreign_keys=ON")
         migrate(self.db)
         self._vectors: VectorIndex | None = None
+        self._model_info: dict | None = None
 
     # --- metadata -------------------------------------------------------------------------------
 
@@ -268,6 +289,12 @@ class Store:
         return int(self.get_meta("generation", "0"))
 
     def model_info(self) -> dict | None:
+        # Cached: the embedding model of a home never changes once bound, and searches ask on every call.
+        if self._model_info is None:
+            self._model_info = self._read_model_info()
+        return self._model_info
+
+    def _read_model_info(self) -> dict | None:
         model = self.get_meta("embedding_model")
         if model is None:
             return None
@@ -289,6 +316,7 @@ class Store:
                 chunk_overlap=chunk_overlap,
                 schema_version=SCHEMA_VERSION,
             )
+            self._model_info = None
             return
         self.check_model(model_id)
         if info["dim"] != dim:
@@ -363,11 +391,17 @@ class Store:
                 "n_chunks": len(chunks),
                 "ingested_at": time.time(),
             }
+            # Plain SQL, not sqlite-utils' insert/update: those commit on their own, which would split this
+            # transaction and let a crash leave a document recorded with its new hash but without chunks.
+            columns = list(record)
             if old:
                 doc_id = old[0]
-                self.db["documents"].update(doc_id, record)
+                self.db.execute(f"UPDATE documents SET {', '.join(c + ' = ?' for c in columns)} WHERE id = ?",
+                                [*record.values(), doc_id])
             else:
-                doc_id = self.db["documents"].insert(record).last_pk
+                doc_id = self.db.execute(
+                    f"INSERT INTO documents ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                    list(record.values())).lastrowid
             new_ids = []
             for chunk, vector in zip(chunks, vectors):
                 cur = self.db.execute(
@@ -501,6 +535,30 @@ class Store:
         if allowed is not None:
             rows = [r for r in rows if r[0] in allowed]
         return [(int(r[0]), float(r[1])) for r in rows[:k]]
+
+    def chunk_vectors(self, ids: list[int]) -> dict[int, np.ndarray]:
+        """The stored embedding of each chunk id."""
+        if not ids:
+            return {}
+        rows = self.db.execute(
+            f"SELECT id, vector FROM chunks WHERE id IN ({','.join('?' * len(ids))})", ids
+        ).fetchall()
+        return {r[0]: np.frombuffer(r[1], dtype=np.float32) for r in rows if r[1]}
+
+    def term_stats(self, terms: list[str], ids: list[int]) -> tuple[int, dict[str, int], dict[str, set[int]]]:
+        """(chunks in the index, chunks containing each term, which of `ids` contain each term), by FTS5 rules."""
+        total = self.db.execute("SELECT count(*) FROM chunks_fts").fetchone()[0]
+        df: dict[str, int] = {}
+        present: dict[str, set[int]] = {}
+        marks = ",".join("?" * len(ids))
+        for term in terms:
+            match = '"' + term.replace('"', '""') + '"'
+            df[term] = self.db.execute(
+                "SELECT count(*) FROM chunks_fts WHERE chunks_fts MATCH ?", [match]).fetchone()[0]
+            present[term] = {r[0] for r in self.db.execute(
+                f"SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ? AND rowid IN ({marks})",
+                [match, *ids]).fetchall()} if ids else set()
+        return total, df, present
 
     def counts(self) -> tuple[int, int]:
         docs = self.db.execute("SELECT count(*) FROM documents").fetchone()[0]

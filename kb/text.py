@@ -53,3 +53,41 @@ def fts_query(text: str) -> str:
     for term in lexical_terms(text):
         seen.setdefault(term, None)
     return " OR ".join('"' + t.replace('"', '""') + '"' for t in seen)
+
+
+# Scripts whose languages an embedding model must list to be trusted with a query in that script.
+_SCRIPT_LANGUAGES = [
+    (re.compile("[\u3040-\u30ff]"), {"ja"}),
+    (re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"), {"zh", "ja", "zh-cn", "zh-tw", "yue"}),
+    (re.compile("[\uac00-\ud7af\u1100-\u11ff]"), {"ko"}),
+    (re.compile("[\u0400-\u04ff]"), {"ru", "uk", "bg", "sr", "be", "mk", "kk", "ky", "mn", "tg"}),
+    (re.compile("[\u0600-\u06ff]"), {"ar", "fa", "ur", "ps", "ku", "sd", "ug"}),
+    (re.compile("[\u0590-\u05ff]"), {"he", "yi"}),
+    (re.compile("[\u0370-\u03ff]"), {"el"}),
+    (re.compile("[\u0e00-\u0e7f]"), {"th"}),
+    (re.compile("[\u0900-\u097f]"), {"hi", "mr", "ne", "sa"}),
+]
+
+
+def script_languages(text: str) -> set[str] | None:
+    """Languages written in the dominant non-Latin script of `text`; None when it is Latin (or has no letters)."""
+    letters = [c for c in text if c.isalpha()]
+    if not letters:
+        return None
+    best, best_count = None, 0
+    for pattern, languages in _SCRIPT_LANGUAGES:
+        count = sum(1 for c in letters if pattern.match(c))
+        if count > best_count:
+            best, best_count = languages, count
+    return best if best_count * 2 >= len(letters) else None
+
+
+def model_covers(model_languages: set[str] | None, text: str) -> bool:
+    """Whether a model trained on `model_languages` (None: unknown, assume yes) can be trusted with `text`."""
+    if model_languages is None or "multilingual" in model_languages:
+        return True
+    needed = script_languages(text)
+    if needed is None:
+        return True
+    return bool({lang.lower() for lang in model_languages} & needed)
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,52 @@ class FakeEmbedder:
         return self._vector(text)
 
 
+class FakeGenerator:
+    """A deterministic stand-in for llama.cpp: words are tokens, and it enforces its context window the way
+    llama.cpp does (an error when prompt plus answer would not fit), so packing bugs fail loudly."""
+
+    model_id = "fake-generator"
+
+    def __init__(self, n_ctx: int = 2048, reply: str | None = None):
+        self.n_ctx = n_ctx
+        self.reply = reply
+        self.prompts: list[str] = []
+        self.max_tokens: list[int] = []
+
+    _TOKEN = re.compile(r"\w+|[^\w\s]")
+
+    def format_chat(self, messages):
+        return "".join(f"<{m['role']}>\n{m['content']}\n" for m in messages) + "<assistant>\n"
+
+    def count_tokens(self, text):
+        return len(self._TOKEN.findall(text))
+
+    def truncate(self, text, n_tokens):
+        matches = list(self._TOKEN.finditer(text))
+        return text if len(matches) <= n_tokens else text[: matches[n_tokens].start()] if n_tokens > 0 else ""
+
+    def stream(self, prompt, *, max_tokens, temperature, seed):
+        if self.count_tokens(prompt) + max_tokens > self.n_ctx:
+            raise ValueError("Requested tokens exceed context window")
+        self.prompts.append(prompt)
+        self.max_tokens.append(max_tokens)
+        if "Standalone question:" in prompt:
+            reply = "STANDALONE " + prompt.rsplit("Follow-up question:", 1)[1].split("\n")[0].strip()
+        elif "Summary:" in prompt:
+            reply = "SUMMARY of earlier turns"
+        else:
+            # quote the first passage given, cite it, and invent a citation that was never given
+            first = prompt.split("[1]", 1)[1].split("\n", 2)[1] if "[1]" in prompt else ""
+            reply = self.reply or f"{first[:60]} [1] and also [7]."
+        for word in re.findall(r"\S+\s*", reply)[:max_tokens]:
+            yield word
+
+
+@pytest.fixture
+def fake_generator():
+    return FakeGenerator()
+
+
 @pytest.fixture
 def fake_embedder():
     return FakeEmbedder()
@@ -74,8 +121,8 @@ def make_kb(home, fake_embedder):
 
     opened = []
 
-    def make(embedder=None, path=None):
-        kb = KnowledgeBase(path or home, embedder=embedder or fake_embedder)
+    def make(embedder=None, path=None, generator=None, **options):
+        kb = KnowledgeBase(path or home, embedder=embedder or fake_embedder, generator=generator, **options)
         opened.append(kb)
         return kb
 
@@ -106,4 +153,4 @@ def corpus(tmp_path):
     return root
 
 
-__all__ = ["FakeEmbedder", "SHARED_DATA"]
+__all__ = ["FakeEmbedder", "FakeGenerator", "SHARED_DATA"]

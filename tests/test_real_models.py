@@ -110,3 +110,43 @@ def test_search_process_does_not_import_torch(example_home):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "False"]
+
+
+# --- kb ask with the bundled GGUF ----------------------------------------------------------------
+
+
+def test_ask_cites_the_right_file_and_refuses_what_is_not_there(example_home):
+    home, _ = example_home
+    runner = CliRunner()
+    result = runner.invoke(cli, ["ask", "How often should I feed a sourdough starter on the counter?",
+                                 "--kb", str(home), "--json", "--max-tokens", "48"])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    assert not answer["refused"] and answer["answer"].strip()
+    assert answer["sources"][0]["path"].endswith("sourdough.md")
+    assert answer["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    refused = json.loads(runner.invoke(cli, ["ask", "What is the capital of Peru?", "--kb", str(home), "--json"]).output)
+    assert refused["refused"] and refused["model"] == ""
+    zh = json.loads(runner.invoke(cli, ["ask", "番茄每天需要多少小时的阳光？", "--kb", str(home), "--json",
+                                        "--max-tokens", "32"]).output)
+    assert not zh["refused"] and zh["sources"][0]["path"].endswith("zh-garden.md")
+
+
+def test_ask_with_a_tiny_context_does_not_overflow(example_home):
+    from kb.api import KnowledgeBase
+
+    home, _ = example_home
+    with KnowledgeBase(home, ctx=256) as kb:
+        answer = kb.ask("How often should I feed a sourdough starter on the counter?", max_tokens=512, log=False)
+    assert not answer.refused and answer.timings["prompt_tokens"] + answer.timings["completion_tokens"] <= 256
+
+
+def test_truncated_gguf_is_a_clear_error(example_home, tmp_path):
+    from kb.generator import bundled_model_path
+
+    home, _ = example_home
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(bundled_model_path().read_bytes()[:2_000_000])
+    result = CliRunner().invoke(cli, ["ask", "How often should I feed a sourdough starter?", "--kb", str(home),
+                                      "--model", str(truncated)])
+    assert result.exit_code == 1 and str(truncated) in result.output and "Traceback" not in result.output

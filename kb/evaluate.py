@@ -1,0 +1,303 @@
+"""Evaluation on real question sets: retrieval (SQuAD or BEIR format) and end-to-end answers (SQuAD format).
+
+Each passage becomes one document in a fresh home (or a reused one: ingest is incremental), so the
+numbers measure kb exactly as a user runs it: same parser, chunker, embedder, store and retriever.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import math
+import re
+import string
+import tempfile
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kb.errors import KBError
+from kb.text import unspaced_ratio
+
+
+@dataclass
+class EvalSet:
+    """Passages (id -> text) and questions, each with its relevant passage ids and gold answers."""
+
+    name: str
+    passages: dict[str, str]
+    questions: list[dict] = field(default_factory=list)  # {id, question, relevant: {pid: grade}, answers}
+
+
+def load_squad(path: str | Path) -> EvalSet:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))["data"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise KBError(f"{path} is not a SQuAD-format JSON file: {e}",
+                      hint="expected {\"data\": [{\"paragraphs\": [{\"context\", \"qas\"}]}]}") from e
+    passages: dict[str, str] = {}
+    questions = []
+    for article in data:
+        for paragraph in article.get("paragraphs", []):
+            pid = f"p{len(passages):05d}"
+            passages[pid] = paragraph["context"]
+            for qa in paragraph.get("qas", []):
+                if not str(qa.get("question", "")).strip():
+                    continue  # a few published sets have empty questions; they measure nothing
+                questions.append({
+                    "id": str(qa.get("id", len(questions))),
+                    "question": qa["question"],
+                    "relevant": {pid: 1},
+                    "answers": [a["text"] for a in qa.get("answers", [])],
+                })
+    return EvalSet(path.stem, passages, questions)
+
+
+def load_beir(folder: str | Path, split: str = "test") -> EvalSet:
+    folder = Path(folder)
+    try:
+        passages = {}
+        with (folder / "corpus.jsonl").open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    doc = json.loads(line)
+                    title = doc.get("title") or ""
+                    passages[str(doc["_id"])] = (title + "\n\n" if title else "") + doc["text"]
+        queries = {}
+        with (folder / "queries.jsonl").open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    q = json.loads(line)
+                    queries[str(q["_id"])] = q["text"]
+        relevant: dict[str, dict[str, int]] = collections.defaultdict(dict)
+        with (folder / "qrels" / f"{split}.tsv").open(encoding="utf-8") as f:
+            for n, line in enumerate(f):
+                parts = line.rstrip("\n").split("\t")
+                if n == 0 and not parts[-1].strip().lstrip("-").isdigit():
+                    continue  # header
+                qid, pid, grade = parts[0], parts[1], int(parts[-1])
+                if grade > 0 and pid in passages:
+                    relevant[qid][pid] = grade
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise KBError(f"{folder} is not a BEIR-format folder: {e}",
+                      hint="expected corpus.jsonl, queries.jsonl and qrels/test.tsv") from e
+    questions = [{"id": qid, "question": queries[qid], "relevant": rel, "answers": []}
+                 for qid, rel in relevant.items() if qid in queries]
+    return EvalSet(folder.name, passages, questions)
+
+
+def load_eval_set(path: str | Path) -> EvalSet:
+    path = Path(path)
+    if path.is_dir():
+        return load_beir(path)
+    if not path.is_file():
+        raise KBError(f"evaluation file not found: {path}", hint="give a SQuAD .json file or a BEIR folder")
+    return load_squad(path)
+
+
+def write_passages(eval_set: EvalSet, folder: Path, ids: list[str] | None = None) -> dict[str, str]:
+    """One text file per passage; returns file path -> passage id."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mapping = {}
+    for pid in ids if ids is not None else list(eval_set.passages):
+        name = re.sub(r"[^\w.-]", "_", pid)[:80] + ".txt"
+        path = folder / name
+        text = eval_set.passages[pid]
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8")
+        mapping[str(path.resolve())] = pid
+    return mapping
+
+
+def held_out(pid: str, share: float) -> bool:
+    """A deterministic pseudo-random split of passages, stable across runs and machines."""
+    return int(hashlib.sha256(pid.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < share
+
+
+# --- retrieval metrics ----------------------------------------------------------------------------
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def retrieval_metrics(ranked: list[list[str]], relevant: list[dict[str, int]], latencies: list[float]) -> dict:
+    n = len(ranked)
+    out: dict = {"queries": n}
+    for k in (1, 5, 10):
+        out[f"recall@{k}"] = sum(
+            len(set(r[:k]) & rel.keys()) / len(rel) for r, rel in zip(ranked, relevant)) / n if n else 0.0
+    mrr = ndcg = 0.0
+    for r, rel in zip(ranked, relevant):
+        mrr += next((1.0 / (i + 1) for i, pid in enumerate(r[:10]) if pid in rel), 0.0)
+        dcg = sum((2 ** rel.get(pid, 0) - 1) / math.log2(i + 2) for i, pid in enumerate(r[:10]))
+        ideal = sum((2 ** g - 1) / math.log2(i + 2) for i, g in enumerate(sorted(rel.values(), reverse=True)[:10]))
+        ndcg += dcg / ideal if ideal else 0.0
+    out["mrr@10"] = mrr / n if n else 0.0
+    out["ndcg@10"] = ndcg / n if n else 0.0
+    out["latency_ms_p50"] = _percentile(latencies, 0.5)
+    out["latency_ms_p95"] = _percentile(latencies, 0.95)
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def ranked_passages(hits, path_to_pid: dict[str, str]) -> list[str]:
+    """Passage ids in rank order, each once (a passage may have several chunks)."""
+    seen: dict[str, None] = {}
+    for hit in hits:
+        pid = path_to_pid.get(hit.path)
+        if pid is not None:
+            seen.setdefault(pid, None)
+    return list(seen)
+
+
+# --- answer metrics (SQuAD v1.1 for spaced text, CMRC 2018 character level for Chinese) ----------------
+
+
+def normalize_answer(text: str) -> str:
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def _cjk_units(text: str) -> list[str]:
+    """CMRC-style units: each CJK character alone, other runs of letters and digits as words, no punctuation."""
+    units, word = [], ""
+    for ch in text.lower():
+        if unicodedata.category(ch).startswith(("P", "S", "Z")) or ch.isspace():
+            if word:
+                units.append(word)
+                word = ""
+        elif unspaced_ratio(ch) > 0:
+            if word:
+                units.append(word)
+                word = ""
+            units.append(ch)
+        else:
+            word += ch
+    if word:
+        units.append(word)
+    return units
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0] * (len(b) + 1)
+        for j, y in enumerate(b):
+            cur[j + 1] = prev[j] + 1 if x == y else max(prev[j + 1], cur[j])
+        prev = cur
+    return prev[-1]
+
+
+def answer_scores(prediction: str, golds: list[str]) -> tuple[float, float]:
+    """(exact match, F1) of `prediction` against the best-matching gold answer."""
+    if not golds:
+        return 0.0, 0.0
+    chinese = unspaced_ratio("".join(golds)) >= 0.5
+    best_em = best_f1 = 0.0
+    for gold in golds:
+        if chinese:
+            p, g = _cjk_units(prediction), _cjk_units(gold)
+            em = float(p == g)
+            common = _lcs(p, g) if p and g else 0
+        else:
+            p, g = normalize_answer(prediction).split(), normalize_answer(gold).split()
+            em = float(p == g)
+            common = sum((collections.Counter(p) & collections.Counter(g)).values())
+        f1 = 0.0 if common == 0 else 2 * common / (len(p) + len(g))
+        best_em, best_f1 = max(best_em, em), max(best_f1, f1)
+    return best_em, best_f1
+
+
+# --- runs -----------------------------------------------------------------------------------------
+
+
+def _open_eval_kb(eval_set: EvalSet, home: Path | None, ids: list[str] | None, progress, **kb_options):
+    from kb.api import KnowledgeBase
+
+    home = Path(home) if home else Path(tempfile.mkdtemp(prefix=f"kb-eval-{eval_set.name}-"))
+    mapping = write_passages(eval_set, home / "passages", ids)
+    kb = KnowledgeBase(home / "index", **kb_options)
+    kb.ingest([home / "passages"], progress=progress)
+    return kb, mapping
+
+
+def eval_retrieval(path, *, modes=("hybrid",), k: int = 10, home=None, limit: int | None = None,
+                   progress=None, **kb_options) -> list[dict]:
+    eval_set = load_eval_set(path)
+    kb, mapping = _open_eval_kb(eval_set, home, None, progress, **kb_options)
+    questions = eval_set.questions[:limit] if limit else eval_set.questions
+    results = []
+    try:
+        for mode in modes:
+            kb.search("warm up", 1, mode=mode)
+            ranked, latencies = [], []
+            for q in questions:
+                t = time.perf_counter()
+                hits = kb.search(q["question"], k, mode=mode)
+                latencies.append((time.perf_counter() - t) * 1000)
+                ranked.append(ranked_passages(hits, mapping))
+            metrics = retrieval_metrics(ranked, [q["relevant"] for q in questions], latencies)
+            results.append({"file": str(path), "documents": len(eval_set.passages), "mode": mode, **metrics})
+    finally:
+        kb.close()
+    return results
+
+
+HELD_OUT_SHARE = 0.1
+
+
+def eval_answers(path, *, limit: int | None = None, home=None, progress=None, on_question=None,
+                 ask_options: dict | None = None, **kb_options) -> dict:
+    """Exact match, F1 and citation accuracy on questions whose passage is indexed, and the refusal rate
+    on questions whose passage was held out of the index (a deterministic 10% of passages)."""
+    eval_set = load_eval_set(path)
+    indexed = [pid for pid in eval_set.passages if not held_out(pid, HELD_OUT_SHARE)]
+    kb, mapping = _open_eval_kb(eval_set, home, indexed, progress, **kb_options)
+    indexed_set = set(indexed)
+    answerable = [q for q in eval_set.questions if q["relevant"].keys() & indexed_set and q["answers"]]
+    unanswerable = [q for q in eval_set.questions if not q["relevant"].keys() & indexed_set]
+    if limit:
+        answerable = answerable[:limit]
+        unanswerable = unanswerable[: max(1, limit // 5)]
+    em = f1 = cited_ok = refused_answerable = 0.0
+    refused_unanswerable = 0
+    try:
+        for q in answerable:
+            answer = kb.ask(q["question"], log=False, **(ask_options or {}))
+            e, f = answer_scores(answer.text, q["answers"]) if not answer.refused else (0.0, 0.0)
+            em, f1 = em + e, f1 + f
+            cited = [mapping.get(s.path) for s in answer.sources if s.cited]
+            cited_ok += float(bool(set(cited) & q["relevant"].keys()))
+            refused_answerable += answer.refused
+            if on_question:
+                on_question(q, answer, e, f)
+        for q in unanswerable:
+            answer = kb.ask(q["question"], log=False, **(ask_options or {}))
+            refused_unanswerable += answer.refused
+            if on_question:
+                on_question(q, answer, None, None)
+    finally:
+        kb.close()
+    n = len(answerable)
+    return {
+        "file": str(path),
+        "questions": n,
+        "exact_match": round(em / n, 4) if n else 0.0,
+        "f1": round(f1 / n, 4) if n else 0.0,
+        "citation_accuracy": round(cited_ok / n, 4) if n else 0.0,
+        "refused_answerable": round(refused_answerable / n, 4) if n else 0.0,
+        "unanswerable_questions": len(unanswerable),
+        "refusal_rate": round(refused_unanswerable / len(unanswerable), 4) if unanswerable else 0.0,
+    }
+
+
+__all__ = ["EvalSet", "load_squad", "load_beir", "load_eval_set", "eval_retrieval", "eval_answers",
+           "answer_scores", "normalize_answer", "retrieval_metrics", "held_out"]
