@@ -163,17 +163,18 @@ MIN_CUT_TOKENS = 8
 
 
 def pack_passages(generator: Generator, hits: list[Hit], build: Callable[[str], list[dict]],
-                  max_tokens: int) -> Packed:
+                  max_tokens: int, prefill: str = "") -> Packed:
     """Fit as many passages, best first, as the context window holds next to the prompt and the answer.
 
-    `build(passages_text)` returns the chat messages for a given passages block. The answer keeps at
+    `build(passages_text)` returns the chat messages for a given passages block; `prefill` is the start of
+    the assistant's reply, written by kb (see prompts/answer_prefix.txt). The answer keeps at
     most a third of the room the fixed prompt leaves, so a tiny context still gets passages. The whole
     prompt is counted again at the end, since token counts of parts do not add up exactly.
     """
     from kb.errors import BadQuestion
 
     n_ctx = generator.n_ctx
-    fixed = generator.count_tokens(generator.format_chat(build("")))
+    fixed = generator.count_tokens(generator.format_chat(build("")) + prefill)
     free = n_ctx - fixed
     if free < MIN_ANSWER_TOKENS + 1:
         raise BadQuestion(
@@ -207,7 +208,7 @@ def pack_passages(generator: Generator, hits: list[Hit], build: Callable[[str], 
         )
     while True:
         passages = "\n\n".join(format_passage(i + 1, h, t) for i, (h, t) in enumerate(zip(kept, texts)))
-        prompt = generator.format_chat(build(passages))
+        prompt = generator.format_chat(build(passages)) + prefill
         prompt_tokens = generator.count_tokens(prompt)
         if prompt_tokens + answer_room <= n_ctx:
             break
@@ -293,7 +294,7 @@ class AnswerStream:
 
     def __init__(self, *, question: str, standalone: str, sources: list[Source], refused: bool, model: str,
                  timings: dict, pieces: Iterator[str] | None, on_done: Callable[[Answer], None] | None,
-                 refusal: str = ""):
+                 refusal: str = "", prefill: str = ""):
         self.question = question
         self.standalone = standalone
         self.sources = sources
@@ -304,6 +305,7 @@ class AnswerStream:
         self._pieces = pieces
         self._on_done = on_done
         self._refusal = refusal
+        self._prefill = prefill
         self._started = time.perf_counter()
 
     def __iter__(self) -> Iterator[str]:
@@ -319,6 +321,10 @@ class AnswerStream:
         first = None
         count = 0
         start = time.perf_counter()
+        text = citations.feed(self._prefill)
+        if text:
+            parts.append(text)
+            yield text
         for piece in self._pieces:
             count += 1
             if first is None:
@@ -334,6 +340,7 @@ class AnswerStream:
         end = time.perf_counter()
         self.timings.update(
             first_token_ms=round(((first or end) - self._t0()) * 1000, 1),
+            generation_first_token_ms=round(((first or end) - start) * 1000, 1),
             generate_ms=round((end - start) * 1000, 1),
             completion_tokens=count,
             tokens_per_s=round((count - 1) / (end - first), 2) if first and count > 1 and end > first else 0.0,

@@ -11,7 +11,8 @@ from kb.config import Settings, kb_home
 from kb.embedder import Embedder, SentenceTransformerEmbedder
 from kb.errors import BadQuestion, NotIngested
 from kb.generator import Generator
-from kb.prompting import persona_text, render_template
+from kb.prompting import persona_text, render_template, template_text
+from kb.text import unspaced_ratio
 from kb.retriever import CrossEncoderReranker, Filters, Reranker, Retriever, SearchResult
 from kb.store import Store, write_lock
 from kb.types import Hit, IngestReport
@@ -66,10 +67,17 @@ class KnowledgeBase:
         if self._generator is None:
             from kb.generator import LlamaGenerator, LlamaOptions
 
+            from kb.generator import resolve_model
+
             s = self.settings
+            lora = None
+            if s.adapter:
+                from kb.adapters import resolve_adapter
+
+                lora = str(resolve_adapter(self.home, s.adapter, resolve_model(s.model or None)))
             self._generator = LlamaGenerator(s.model or None, options=LlamaOptions(
                 n_ctx=s.ctx, n_threads=s.threads, n_gpu_layers=s.gpu_layers, seed=s.seed,
-                verbose=bool(s.extra.get("verbose", False)),
+                lora_path=lora, lora_scale=s.adapter_scale, verbose=bool(s.extra.get("verbose", False)),
             ))
         return self._generator
 
@@ -179,8 +187,11 @@ class KnowledgeBase:
             user = render_template("answer", self.home, passages=passages, question=standalone)
             return [{"role": "system", "content": system}, *(history or []), {"role": "user", "content": user}]
 
+        # The reply is started for the model ("According to [") so that even a small model cites a passage.
+        prefill = template_text("answer_prefix_zh" if unspaced_ratio(question) >= 0.5 else "answer_prefix", self.home)
+        prefill = prefill.rstrip("\n")
         t = time.perf_counter()
-        packed = pack_passages(generator, relevant, build, max_tokens or s.max_tokens)
+        packed = pack_passages(generator, relevant, build, max_tokens or s.max_tokens, prefill)
         timings["pack_ms"] = round((time.perf_counter() - t) * 1000, 1)
         timings.update(prompt_tokens=packed.prompt_tokens, n_ctx=n_ctx, passages=len(packed.hits),
                        passages_dropped=len(relevant) - len(packed.hits))
@@ -193,7 +204,8 @@ class KnowledgeBase:
             seed=s.seed if seed is None else seed,
         )
         return AnswerStream(question=question, standalone=standalone, sources=sources, refused=False,
-                            model=generator.model_id, timings=timings, pieces=pieces, on_done=done)
+                            model=generator.model_id, timings=timings, pieces=pieces, on_done=done,
+                            prefill=prefill)
 
     def chat(self, *, persona: str | None = None, resume: bool = False) -> "Chat":
         """A multi-turn conversation; `resume=True` continues the most recent one."""

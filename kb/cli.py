@@ -205,6 +205,8 @@ def model_options(fn):
         click.option("--max-tokens", type=int, help="Longest answer in tokens (default 256)."),
         click.option("--seed", type=int, help="Sampling seed (default 0)."),
         click.option("--persona", help="System-prompt preset; `kb personas` lists them."),
+        click.option("--adapter", help="A LoRA adapter from `kb adapters` (or a .gguf adapter path)."),
+        click.option("--adapter-scale", type=float, help="Strength of the adapter (default 1.0)."),
         click.option("--verbose", is_flag=True, help="Show llama.cpp's own log (e.g. layers offloaded to the GPU)."),
     ]):
         fn = option(fn)
@@ -223,10 +225,10 @@ def retrieval_options(fn):
 
 
 def open_for_answers(home, model, ctx, threads, gpu_layers, temperature, max_tokens, seed, persona, verbose,
-                     min_score, reranker):
+                     min_score, reranker, adapter=None, adapter_scale=None):
     return _open(home, model=model, ctx=ctx, threads=threads, gpu_layers=gpu_layers, temperature=temperature,
                  max_tokens=max_tokens, seed=seed, persona=persona, min_score=min_score, reranker=reranker,
-                 verbose=verbose or None)
+                 adapter=adapter, adapter_scale=adapter_scale, verbose=verbose or None)
 
 
 def source_line(source, *, closest: bool = False) -> str:
@@ -264,11 +266,11 @@ def print_answer_stream(stream, *, live: bool) -> None:
 @click.option("--no-stream", is_flag=True, help="Print the answer only when it is complete.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object {answer, refused, sources, model, timings}.")
 @translate_errors
-def ask(question, home, model, ctx, threads, gpu_layers, temperature, max_tokens, seed, persona, verbose,
-        k, mode, min_score, reranker, path_glob, tags, date_from, date_to, file_types, no_stream, as_json):
+def ask(question, home, model, ctx, threads, gpu_layers, temperature, max_tokens, seed, persona, adapter,
+        adapter_scale, verbose, k, mode, min_score, reranker, path_glob, tags, date_from, date_to, file_types, no_stream, as_json):
     """Answer QUESTION from your documents, citing the passages used; refuse when they lack the answer."""
     kb = open_for_answers(home, model, ctx, threads, gpu_layers, temperature, max_tokens, seed, persona, verbose,
-                          min_score, reranker)
+                          min_score, reranker, adapter, adapter_scale)
     stream = kb.ask_stream(question, k=k, mode=mode,
                            filters=make_filters(path_glob, tags, date_from, date_to, file_types))
     if as_json:
@@ -286,11 +288,11 @@ CHAT_HELP = "Commands: /sources, /reset, /persona NAME, /exit (or Ctrl-D)."
 @retrieval_options
 @click.option("--continue", "resume", is_flag=True, help="Resume the most recent conversation.")
 @translate_errors
-def chat(home, model, ctx, threads, gpu_layers, temperature, max_tokens, seed, persona, verbose,
-         k, mode, min_score, reranker, path_glob, tags, date_from, date_to, file_types, resume):
+def chat(home, model, ctx, threads, gpu_layers, temperature, max_tokens, seed, persona, adapter, adapter_scale,
+         verbose, k, mode, min_score, reranker, path_glob, tags, date_from, date_to, file_types, resume):
     """A conversation with your documents; follow-up questions understand what came before."""
     kb = open_for_answers(home, model, ctx, threads, gpu_layers, temperature, max_tokens, seed, None, verbose,
-                          min_score, reranker)
+                          min_score, reranker, adapter, adapter_scale)
     conversation = kb.chat(persona=persona, resume=resume)
     filters = make_filters(path_glob, tags, date_from, date_to, file_types)
     click.echo(f"kb chat (conversation {conversation.id}, persona {conversation.persona}). {CHAT_HELP}", err=True)
@@ -425,7 +427,7 @@ def eval_retrieval_command(file, mode, limit, keep, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @translate_errors
 def eval_answers_command(file, limit, keep, model, ctx, threads, gpu_layers, temperature, max_tokens, seed,
-                         persona, verbose, k, min_score, as_json):
+                         persona, adapter, adapter_scale, verbose, k, min_score, as_json):
     """Exact match, F1, citation accuracy, and the refusal rate on questions whose passage is not indexed."""
     import tempfile
 
@@ -439,7 +441,8 @@ def eval_answers_command(file, limit, keep, model, ctx, threads, gpu_layers, tem
             click.echo(f"\r{done[0]} questions", nl=False, err=True)
 
     options = dict(model=model, ctx=ctx, threads=threads, gpu_layers=gpu_layers, temperature=temperature,
-                   max_tokens=max_tokens, seed=seed, persona=persona, min_score=min_score, verbose=verbose or None)
+                   max_tokens=max_tokens, seed=seed, persona=persona, min_score=min_score, verbose=verbose or None,
+                   adapter=adapter, adapter_scale=adapter_scale)
     with tempfile.TemporaryDirectory(prefix="kb-eval-") as tmp:
         result = eval_answers(file, limit=limit, home=keep or tmp, progress=ProgressPrinter(quiet=as_json),
                               on_question=tick, ask_options={"k": k} if k else None,
@@ -450,6 +453,164 @@ def eval_answers_command(file, limit, keep, model, ctx, threads, gpu_layers, tem
     click.echo(f"\n{file}: {result['questions']} answerable questions, {result['unanswerable_questions']} unanswerable")
     for key in ("exact_match", "f1", "citation_accuracy", "refused_answerable", "refusal_rate"):
         click.echo(f"  {key:20} {result[key]:.3f}")
+
+
+# --- fine-tuning -----------------------------------------------------------------------------------
+
+
+@cli.group()
+def dataset():
+    """Training data for `kb finetune`: build it from your documents, check and clean a file."""
+
+
+@dataset.command(name="build")
+@HOME_OPTION
+@click.option("--kind", type=click.Choice(["continuation", "qa", "both"]), default="both", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="Output JSONL (default: <kb home>/datasets/train.jsonl).")
+@click.option("--teacher", help="GGUF model that writes the question-answer pairs (default: the bundled one).")
+@click.option("--limit", type=int, help="Only the first N chunks.")
+@translate_errors
+def dataset_build(home, kind, out, teacher, limit):
+    """Chat-format examples from the ingested corpus; a stopped build resumes where it was."""
+    from kb.dataset import build_dataset
+
+    kb = _open(home, model=teacher)
+    store = kb._open_store()
+    if store.counts()[1] == 0:
+        from kb.errors import NotIngested
+
+        raise NotIngested(f"the knowledge base at {kb.home} has no documents yet")
+    out = out or str(kb.home / "datasets" / "train.jsonl")
+    from pathlib import Path
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tty = sys.stderr.isatty()
+
+    def progress(n, total, stats):
+        if tty or n == total or n % 50 == 0:
+            line = f"chunks {n}/{total} · " + " · ".join(f"{k} {v}" for k, v in sorted(stats.items()))
+            click.echo(("\r" + line + "\033[K") if tty else line, nl=not tty, err=True)
+
+    result = build_dataset(store, out, kind=kind, teacher=kb.generator if kind != "continuation" else None,
+                           progress=progress, limit=limit)
+    if tty:
+        click.echo("", err=True)
+    click.echo(json.dumps(result))
+
+
+@dataset.command(name="check")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--fix", "fix_out", type=click.Path(dir_okay=False), help="Write a cleaned chat-format JSONL here.")
+@click.option("--model", help="GGUF whose tokenizer and context count (default: the bundled one).")
+@click.option("--ctx", type=int, default=2048, show_default=True, help="Context length examples must fit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@translate_errors
+def dataset_check(file, fix_out, model, ctx, as_json):
+    """Report missing fields, duplicates, too-long examples, inconsistent endings and token counts."""
+    from kb.dataset import check_dataset, fix_dataset
+    from kb.generator import LlamaGenerator, LlamaOptions
+
+    generator = LlamaGenerator(model or None, options=LlamaOptions(n_ctx=ctx))
+    report = check_dataset(file, generator.count_tokens, ctx)
+    if fix_out:
+        report["fixed"] = fix_dataset(file, fix_out, generator.count_tokens, ctx)
+    if as_json:
+        click.echo(json.dumps(report, ensure_ascii=False, indent=2))
+        return
+    click.echo(f"{file}: {report['examples']} usable examples ({report['format'] or 'unknown format'}), "
+               f"{report['tokens']} tokens (longest {report['tokens_max']})")
+    click.echo(f"  duplicates: {report['duplicates']}; longer than {ctx} tokens: {report['too_long']}")
+    for problem in report["problems"][:20]:
+        click.echo(f"  problem: {problem}")
+    if len(report["problems"]) > 20:
+        click.echo(f"  ... and {len(report['problems']) - 20} more problems")
+    for note in report["notes"]:
+        click.echo(f"  note: {note}")
+    if fix_out:
+        click.echo(f"wrote {report['fixed']['kept']} examples to {fix_out} ({report['fixed']['dropped']} dropped)")
+
+
+@cli.command()
+@click.argument("data", required=False, type=click.Path(exists=True, dir_okay=False))
+@HOME_OPTION
+@click.option("--base", help="GGUF base model (default: the bundled SmolLM2-135M-Instruct).")
+@click.option("--name", help="Adapter name (default: derived from the data file).")
+@click.option("--steps", type=int, help="Optimizer steps (default: from --epochs).")
+@click.option("--epochs", type=float, default=3.0, show_default=True)
+@click.option("--rank", type=int, default=8, show_default=True)
+@click.option("--alpha", type=float, default=16.0, show_default=True)
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--batch", type=int, default=4, show_default=True)
+@click.option("--threads", type=int, default=0, help="CPU threads (default: all cores).")
+@click.option("--resume", "resume", help="Resume the stopped run NAME.")
+@translate_errors
+def finetune(data, home, base, name, steps, epochs, rank, alpha, lr, batch, threads, resume):
+    """Train a LoRA adapter on DATA (chat JSONL) and save it as a llama.cpp adapter in the kb home."""
+    from pathlib import Path
+
+    from kb.config import kb_home
+    from kb.finetune import TrainConfig, finetune as run_finetune
+
+    if not resume and not data:
+        raise click.UsageError("give DATA, or --resume NAME")
+    config = TrainConfig(name=resume or name or Path(data).stem, base=base or "", steps=steps or 0, epochs=epochs,
+                         rank=rank, alpha=alpha, lr=lr, batch=batch, threads=threads)
+    tty = sys.stderr.isatty()
+    started = time.monotonic()
+
+    def progress(step, total, loss):
+        if tty or step == total or step % 10 == 0:
+            rate = (time.monotonic() - started) / max(step, 1)
+            line = f"step {step}/{total} · loss {loss:.3f} · {rate:.1f} s/step"
+            click.echo(("\r" + line + "\033[K") if tty else line, nl=not tty, err=True)
+
+    click.echo("Loading the base model (about 20 s)...", err=True)
+    try:
+        card = run_finetune(kb_home(home), data, config, resume=bool(resume), progress=progress)
+    except KeyboardInterrupt:
+        click.echo(f"\nStopped; resume with `kb finetune --resume {config.name}`.", err=True)
+        sys.exit(130)
+    if tty:
+        click.echo("", err=True)
+    click.echo(f"adapter {card['name']}: {card['steps']} steps, final loss {card['final_loss']}")
+    click.echo(f"use it with: kb ask \"...\" --adapter {card['name']}")
+
+
+@cli.group(invoke_without_command=True)
+@HOME_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_context
+@translate_errors
+def adapters(ctx, home, as_json):
+    """List LoRA adapters with their cards; `kb adapters rm NAME` deletes one."""
+    if ctx.invoked_subcommand:
+        return
+    from kb.adapters import list_adapters
+    from kb.config import kb_home
+
+    found = list_adapters(kb_home(home))
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        click.echo("No adapters yet. Train one with `kb finetune DATA.jsonl --name NAME`.")
+    for card in found:
+        click.secho(card["name"], bold=True, nl=False)
+        click.echo(f"  base {card.get('base_model_name')} · {card.get('steps')} steps · rank {card.get('rank')} · "
+                   f"final loss {card.get('final_loss')} · {card.get('created_at')}")
+
+
+@adapters.command(name="rm")
+@click.argument("name")
+@HOME_OPTION
+@translate_errors
+def adapters_rm(name, home):
+    """Delete an adapter (its .gguf, card and any unfinished run)."""
+    from kb.adapters import remove_adapter
+    from kb.config import kb_home
+
+    remove_adapter(kb_home(home), name)
+    click.echo(f"removed adapter {name}")
 
 
 @cli.command()

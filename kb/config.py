@@ -43,6 +43,9 @@ class Settings:
     # 0.5 means "clears one calibrated signal" (kb/answer.py, docs/answers.md); 0 never refuses
     min_score: float = 0.5
     persona: str = ""
+    # a LoRA adapter (a name from `kb adapters`, or a .gguf path) and its strength
+    adapter: str = ""
+    adapter_scale: float = 1.0
     extra: dict = field(default_factory=dict)
 
     @classmethod

@@ -83,6 +83,22 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     return path
 
 
+def compile_chat_template(source: str | None, model_id: str = "the model"):
+    """A GGUF's chat template compiled the way Hugging Face renders it (sandboxed Jinja2); ChatML when absent."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message):
+        raise KBError(f"the chat template of {model_id} refused the conversation: {message}")
+
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(source or CHATML_TEMPLATE)
+    except Exception:  # a template Jinja cannot parse: fall back rather than fail
+        return env.from_string(CHATML_TEMPLATE)
+
+
 @dataclass(frozen=True)
 class LlamaOptions:
     n_ctx: int = 2048
@@ -136,7 +152,7 @@ class LlamaGenerator:
     def __init__(self, model: str | os.PathLike | None = None, *, options: LlamaOptions | None = None):
         self.path = resolve_model(model)
         self.options = options or LlamaOptions()
-        self.model_id = self.path.name
+        self.model_id = self.path.name + (f"+{Path(self.options.lora_path).stem}" if self.options.lora_path else "")
         self._llm = None
         self._template = None
         self._specials: dict = {}
@@ -158,19 +174,7 @@ class LlamaGenerator:
 
     def _chat_template(self):
         if self._template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            source = self.llm.metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-            def raise_exception(message):
-                raise KBError(f"the chat template of {self.model_id} refused the conversation: {message}")
-
-            env.globals["raise_exception"] = raise_exception
-            try:
-                self._template = env.from_string(source)
-            except Exception:  # a template Jinja cannot parse: fall back rather than fail
-                self._template = env.from_string(CHATML_TEMPLATE)
+            self._template = compile_chat_template(self.llm.metadata.get("tokenizer.chat_template"), self.model_id)
             self._specials = {
                 "bos_token": self._token_text(self.llm.token_bos()),
                 "eos_token": self._token_text(self.llm.token_eos()),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kb.errors import TemplateError
 
-TEMPLATES = ("answer", "chat_system", "condense", "summarize")
+TEMPLATES = ("answer", "answer_prefix", "answer_prefix_zh", "chat_system", "condense", "summarize")
 
 
 def _bundled(subfolder: str = "") -> Path:

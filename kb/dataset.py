@@ -1,0 +1,306 @@
+"""Training data: build chat-format examples from the ingested corpus, and check or clean a dataset file.
+
+Formats read: JSONL or JSON (a list), CSV and TSV; each example either `messages` (chat format) or
+`prompt` and `completion`. Written: chat-format JSONL, one `{"messages": [...]}` per line.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kb.errors import KBError
+from kb.text import lexical_terms
+
+
+@dataclass
+class ReadResult:
+    examples: list[list[dict]]  # usable examples as chat messages
+    problems: list[str] = field(default_factory=list)  # "line N: what is wrong"
+    raw_format: str = ""  # "messages" or "prompt/completion"
+    prompts: list[str] = field(default_factory=list)
+    completions: list[str] = field(default_factory=list)
+
+
+def _rows(path: Path) -> list[tuple[int, object]]:
+    text = path.read_text(encoding="utf-8-sig")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
+        return [(n + 2, row) for n, row in enumerate(reader)]
+    stripped = text.lstrip()
+    if suffix == ".json" or stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise KBError(f"{path} is not valid JSON: {e}", hint="use JSONL (one example per line), JSON, CSV or TSV") from e
+        if isinstance(data, dict):
+            data = data.get("data") or data.get("examples") or [data]
+        return [(n + 1, row) for n, row in enumerate(data)]
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((n, json.loads(line)))
+        except ValueError:
+            rows.append((n, ValueError(f"not valid JSON: {line[:60]}")))
+    return rows
+
+
+def read_examples(path: str | Path) -> ReadResult:
+    path = Path(path)
+    if not path.is_file():
+        raise KBError(f"dataset file not found: {path}", hint="give a .jsonl, .json, .csv or .tsv file")
+    result = ReadResult(examples=[])
+    kinds = collections.Counter()
+    for n, row in _rows(path):
+        if isinstance(row, Exception):
+            result.problems.append(f"line {n}: {row}")
+            continue
+        if not isinstance(row, dict):
+            result.problems.append(f"line {n}: not an object")
+            continue
+        if "messages" in row:
+            kinds["messages"] += 1
+            messages = row["messages"]
+            if isinstance(messages, str):
+                try:
+                    messages = json.loads(messages)
+                except ValueError:
+                    messages = None
+            if not isinstance(messages, list) or not messages:
+                result.problems.append(f"line {n}: `messages` is missing or empty")
+                continue
+            bad = [i for i, m in enumerate(messages)
+                   if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
+                   or not str(m.get("content") or "").strip()]
+            if bad:
+                result.problems.append(f"line {n}: message {bad[0] + 1} has no valid role or empty content")
+                continue
+            if messages[-1]["role"] != "assistant":
+                result.problems.append(f"line {n}: the last message is not the assistant's")
+                continue
+            clean = [{"role": m["role"], "content": str(m["content"])} for m in messages]
+            result.examples.append(clean)
+            result.prompts.append(clean[-2]["content"] if len(clean) > 1 else "")
+            result.completions.append(clean[-1]["content"])
+        elif "prompt" in row or "completion" in row:
+            kinds["prompt/completion"] += 1
+            prompt, completion = str(row.get("prompt") or ""), str(row.get("completion") or "")
+            missing = [k for k, v in (("prompt", prompt), ("completion", completion)) if not v.strip()]
+            if missing:
+                result.problems.append(f"line {n}: empty or missing {' and '.join(missing)}")
+                continue
+            result.prompts.append(prompt)
+            result.completions.append(completion)
+            result.examples.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}])
+        else:
+            result.problems.append(f"line {n}: neither `messages` nor `prompt`/`completion`")
+    result.raw_format = kinds.most_common(1)[0][0] if kinds else ""
+    if len(kinds) > 1:
+        result.problems.append(f"mixed formats: {dict(kinds)}")
+    return result
+
+
+def _common_suffix(texts: list[str]) -> str:
+    if not texts:
+        return ""
+    shortest = min(texts, key=len)
+    n = 0
+    while n < len(shortest) and all(t[len(t) - n - 1] == shortest[len(shortest) - n - 1] for t in texts):
+        n += 1
+    return shortest[len(shortest) - n:] if n else ""
+
+
+def check_dataset(path: str | Path, count_tokens, n_ctx: int) -> dict:
+    """What a hosted fine-tuning service's data preparation tool reports, as a dict."""
+    result = read_examples(path)
+    keys = [json.dumps(m, ensure_ascii=False, sort_keys=True) for m in result.examples]
+    counts = collections.Counter(keys)
+    duplicates = sum(c - 1 for c in counts.values() if c > 1)
+    tokens = [sum(count_tokens(m["content"]) + 4 for m in example) for example in result.examples]
+    too_long = [i for i, t in enumerate(tokens) if t > n_ctx]
+    report = {
+        "file": str(path),
+        "format": result.raw_format,
+        "examples": len(result.examples),
+        "problems": result.problems,
+        "duplicates": duplicates,
+        "too_long": len(too_long),
+        "n_ctx": n_ctx,
+        "tokens": sum(tokens),
+        "tokens_max": max(tokens, default=0),
+        "notes": [],
+    }
+    if result.raw_format == "prompt/completion" and result.prompts:
+        suffix = _common_suffix(result.prompts)
+        endings = collections.Counter(p[-1:] for p in result.prompts)
+        if not suffix.strip() and len(endings) > 1:
+            report["notes"].append("prompts end in different ways: give them one fixed separator "
+                                   "(e.g. \"\\n\\n###\\n\\n\"), or use chat format, which needs none")
+        completion_ends = collections.Counter(c[-1:] for c in result.completions)
+        if len(completion_ends) > 1 and not _common_suffix(result.completions).strip():
+            report["notes"].append("completions end in different ways: the model learns where to stop from "
+                                   "a consistent ending (chat format adds one)")
+        starts = collections.Counter(c[:1].isspace() for c in result.completions)
+        if len(starts) > 1:
+            report["notes"].append("some completions start with whitespace and some do not")
+    return report
+
+
+def fix_dataset(path: str | Path, out: str | Path, count_tokens, n_ctx: int) -> dict:
+    """Write the usable, distinct, short-enough examples as chat-format JSONL, whitespace trimmed."""
+    result = read_examples(path)
+    seen = set()
+    kept = dropped = 0
+    out = Path(out)
+    with out.open("w", encoding="utf-8") as f:
+        for example in result.examples:
+            clean = [{"role": m["role"], "content": m["content"].strip()} for m in example]
+            key = json.dumps(clean, ensure_ascii=False, sort_keys=True)
+            if key in seen or sum(count_tokens(m["content"]) + 4 for m in clean) > n_ctx:
+                dropped += 1
+                continue
+            seen.add(key)
+            f.write(json.dumps({"messages": clean}, ensure_ascii=False) + "\n")
+            kept += 1
+    return {"out": str(out), "kept": kept, "dropped": dropped + len(result.problems)}
+
+
+# --- building from the corpus ---------------------------------------------------------------------
+
+
+def rouge_l(a: str, b: str) -> float:
+    """ROUGE-L F-measure over lexical terms (words; bigrams for CJK), as self-instruct uses for near-duplicates."""
+    x, y = lexical_terms(a), lexical_terms(b)
+    if not x or not y:
+        return 0.0
+    prev = [0] * (len(y) + 1)
+    for xi in x:
+        cur = [0] * (len(y) + 1)
+        for j, yj in enumerate(y):
+            cur[j + 1] = prev[j] + 1 if xi == yj else max(prev[j + 1], cur[j])
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(x), lcs / len(y)
+    return 2 * p * r / (p + r)
+
+
+def supported(answer: str, passage: str, threshold: float = 0.7) -> bool:
+    """Most of the answer's content terms occur in the passage."""
+    terms = [t for t in lexical_terms(answer) if len(t) > 2 or not t.isascii()]
+    if not terms:
+        return False
+    present = set(lexical_terms(passage))
+    return sum(t in present for t in terms) / len(terms) >= threshold
+
+
+def degenerate(text: str) -> bool:
+    """Empty, too short, or looping text."""
+    words = text.split()
+    if len(text.strip()) < 8 or not words:
+        return True
+    trigrams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    return bool(trigrams) and len(set(trigrams)) / len(trigrams) < 0.6
+
+
+QUESTION_PROMPT = ("Here is a passage from a document titled \"{title}\".\n\n{text}\n\n"
+                   "Write one question that a reader could answer from this passage alone. "
+                   "Reply with the question only.")
+ANSWER_PROMPT = ("Passage:\n{text}\n\nAnswer the question using only the passage, in one or two sentences.\n"
+                 "Question: {question}")
+
+
+def continuation_example(title: str, heading: str, text: str) -> list[dict]:
+    where = f"the section \"{heading}\" of \"{title}\"" if heading else f"\"{title}\""
+    return [{"role": "user", "content": f"Write {where}."}, {"role": "assistant", "content": text}]
+
+
+def build_dataset(store, out: str | Path, *, kind: str = "both", teacher=None, progress=None,
+                  limit: int | None = None) -> dict:
+    """Write chat-format examples from every chunk of the index to `out`; resumable.
+
+    Each processed chunk id is appended to `<out>.progress`, so a stopped build continues where it was.
+    """
+    out = Path(out)
+    done_file = out.with_name(out.name + ".progress")
+    done = set()
+    if done_file.exists() and out.exists():
+        done = {int(x) for x in done_file.read_text().split()}
+    elif out.exists():
+        out.unlink()
+    kept_questions: list[str] = []
+    if out.exists():
+        for line in out.read_text(encoding="utf-8").splitlines():
+            example = json.loads(line)["messages"]
+            if example[0]["content"].startswith("Write "):
+                continue
+            kept_questions.append(example[-2]["content"])
+    rows = store.db.execute(
+        "SELECT c.id, c.text, c.heading, d.title FROM chunks c JOIN documents d ON d.id = c.doc_id ORDER BY c.id"
+    ).fetchall()
+    if limit:
+        rows = rows[:limit]
+    stats = collections.Counter()
+    with out.open("a", encoding="utf-8") as f, done_file.open("a") as progress_file:
+        for n, (chunk_id, text, heading, title) in enumerate(rows, 1):
+            if chunk_id in done:
+                continue
+            examples = []
+            if kind in ("continuation", "both") and not degenerate(text):
+                examples.append(continuation_example(title or "", heading or "", text))
+                stats["continuation"] += 1
+            if kind in ("qa", "both") and teacher is not None:
+                pair = _qa_pair(teacher, title or "", text, kept_questions, stats)
+                if pair:
+                    examples.append(pair)
+            for example in examples:
+                f.write(json.dumps({"messages": example}, ensure_ascii=False) + "\n")
+            f.flush()
+            progress_file.write(f"{chunk_id}\n")
+            progress_file.flush()
+            if progress:
+                progress(n, len(rows), dict(stats))
+    done_file.unlink()
+    return {"out": str(out), "chunks": len(rows), **dict(stats)}
+
+
+def _complete(teacher, content: str, max_tokens: int) -> str:
+    prompt = teacher.format_chat([{"role": "user", "content": content}])
+    room = teacher.n_ctx - teacher.count_tokens(prompt)
+    if room < 16:
+        return ""
+    return "".join(teacher.stream(prompt, max_tokens=min(max_tokens, room), temperature=0.0, seed=0)).strip()
+
+
+def _qa_pair(teacher, title: str, text: str, kept_questions: list[str], stats) -> list[dict] | None:
+    question = _complete(teacher, QUESTION_PROMPT.format(title=title, text=text), 48)
+    question = question.splitlines()[0].strip() if question else ""
+    question = re.sub(r"^(question\s*\d*\s*[:：]\s*)", "", question, flags=re.I)
+    if degenerate(question) or not question.endswith(("?", "？")):
+        stats["rejected_degenerate"] += 1
+        return None
+    if any(rouge_l(question, q) > 0.7 for q in kept_questions):
+        stats["rejected_duplicate"] += 1
+        return None
+    answer = _complete(teacher, ANSWER_PROMPT.format(text=text, question=question), 96)
+    if degenerate(answer):
+        stats["rejected_degenerate"] += 1
+        return None
+    if not supported(answer, text):
+        stats["rejected_unsupported"] += 1
+        return None
+    kept_questions.append(question)
+    stats["qa"] += 1
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+__all__ = ["read_examples", "check_dataset", "fix_dataset", "build_dataset", "rouge_l", "supported",
+           "degenerate", "continuation_example"]
