@@ -19,6 +19,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -143,8 +144,16 @@ def load_base(path: Path, threads: int = 0):
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(threads or os.cpu_count() or 1)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF de-quantization draws its own progress bar
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
     return model, tokenizer
 
 
@@ -183,7 +192,9 @@ def _save_checkpoint(run: Path, model, optimizer, step: int, losses: list[float]
     tmp = run / "checkpoint.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), save_embedding_layers=False)
+    with warnings.catch_warnings():  # peft looks for a config.json that a GGUF base does not have
+        warnings.filterwarnings("ignore", message="Could not find a config file")
+        model.save_pretrained(str(tmp), save_embedding_layers=False)
     torch.save({"optimizer": optimizer.state_dict(), "step": step, "losses": losses}, tmp / "state.pt")
     final = run / "checkpoint"
     old = run / "checkpoint.old"
@@ -267,7 +278,7 @@ def finetune(home: Path, data: str | Path | None, config: TrainConfig, *, resume
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-            losses.append(round(float(loss), 4))
+            losses.append(round(float(loss.detach()), 4))
             if progress:
                 progress(step + 1, steps, losses[-1])
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < steps:
@@ -277,7 +288,10 @@ def finetune(home: Path, data: str | Path | None, config: TrainConfig, *, resume
         _save_checkpoint(run, model, optimizer, len(losses), losses)
         raise
     out = folder / f"{config.name}.gguf"
-    export_gguf_adapter(get_peft_model_state_dict(model), out, architecture=meta["architecture"],
+    with warnings.catch_warnings():  # peft looks for a config.json that a GGUF base does not have
+        warnings.filterwarnings("ignore", message="Could not find a config file")
+        lora_state = get_peft_model_state_dict(model)
+    export_gguf_adapter(lora_state, out, architecture=meta["architecture"],
                         alpha=config.alpha, n_head=meta["n_head"], n_head_kv=meta["n_head_kv"])
     card = {
         "name": config.name,

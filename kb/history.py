@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from kb.store import Store
+from kb.store import Store, transaction
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Conversation:
 
 def log_ask(store: Store, answer, *, conversation_id: int | None = None) -> int:
     """Record one finished ask; called only once the answer is complete, so nothing half-written is kept."""
-    with store.db.conn:
+    with transaction(store.db):
         return store.db["asks"].insert({
             "at": time.time(),
             "question": answer.question,
@@ -54,7 +54,7 @@ def recent_asks(store: Store, limit: int = 10) -> list[dict]:
 
 def new_conversation(store: Store, persona: str) -> Conversation:
     now = time.time()
-    with store.db.conn:
+    with transaction(store.db):
         cid = store.db["conversations"].insert(
             {"started_at": now, "updated_at": now, "persona": persona, "summary": "", "title": ""}).last_pk
     return Conversation(id=cid, persona=persona, summary="", messages=[])
@@ -83,7 +83,7 @@ def add_turn(store: Store, conversation: Conversation, question: str, answer) ->
     """Append a finished question and answer to the conversation, in one transaction."""
     now = time.time()
     sources = [s.to_dict() for s in answer.sources]
-    with store.db.conn:
+    with transaction(store.db):
         # plain SQL: sqlite-utils' insert_all commits by itself, which would split this transaction
         store.db.conn.executemany(
             "INSERT INTO messages (conversation_id, role, content, sources, at, summarized) VALUES (?, ?, ?, ?, ?, 0)",
@@ -100,7 +100,7 @@ def fold_into_summary(store: Store, conversation: Conversation, summary: str, ke
     ids = [r[0] for r in store.db.execute(
         "SELECT id FROM messages WHERE conversation_id = ? AND summarized = 0 ORDER BY id", [conversation.id])]
     folded = ids[: max(len(ids) - keep_last, 0)]
-    with store.db.conn:
+    with transaction(store.db):
         if folded:
             store.db.execute(
                 f"UPDATE messages SET summarized = 1 WHERE id IN ({','.join('?' * len(folded))})", folded)
@@ -111,7 +111,7 @@ def fold_into_summary(store: Store, conversation: Conversation, summary: str, ke
 
 
 def set_persona(store: Store, conversation: Conversation, persona: str) -> None:
-    with store.db.conn:
+    with transaction(store.db):
         store.db.execute("UPDATE conversations SET persona = ? WHERE id = ?", [persona, conversation.id])
     conversation.persona = persona
 

@@ -106,6 +106,23 @@ def m002_asks_and_conversations(db: sqlite_utils.Database) -> None:
     )
 
 
+@contextmanager
+def transaction(db: sqlite_utils.Database) -> Iterator[None]:
+    """One atomic write. Needed explicitly: sqlite-utils' execute() commits every write made outside an open
+    transaction, and Python's `with conn:` only commits at the end, it never begins one. Nested: joins the outer."""
+    conn = db.conn
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.rollback()
+        raise
+    conn.commit()
+
+
 def migrate(db: sqlite_utils.Database) -> None:
     """Apply the migrations this database has not seen yet, each once, in order."""
     db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
@@ -113,7 +130,9 @@ def migrate(db: sqlite_utils.Database) -> None:
     for fn in MIGRATIONS:
         if fn.__name__ in done:
             continue
-        with db.conn:
+        with transaction(db):  # BEGIN IMMEDIATE: a second process opening the same home waits, then skips
+            if db.execute("SELECT 1 FROM _migrations WHERE name = ?", [fn.__name__]).fetchone():
+                continue
             fn(db)
             db.execute("INSERT INTO _migrations VALUES (?, ?)", [fn.__name__, time.time()])
 
@@ -280,7 +299,7 @@ class Store:
         return row[0] if row else default
 
     def set_meta(self, **values) -> None:
-        with self.db.conn:
+        with transaction(self.db):
             for key, value in values.items():
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, str(value)])
 
@@ -348,7 +367,7 @@ class Store:
         return [StoredDocument(*r) for r in rows]
 
     def touch_document(self, doc_id: int, mtime: float, size: int) -> None:
-        with self.db.conn:
+        with transaction(self.db):
             self.db.execute("UPDATE documents SET mtime = ?, size = ? WHERE id = ?", [mtime, size, doc_id])
 
     def replace_document(
@@ -374,7 +393,7 @@ class Store:
             tags = [tags]
         date = metadata.get("date")
         cache_in_sync = self._cache_in_sync()
-        with self.db.conn:
+        with transaction(self.db):
             old = self.db.execute("SELECT id FROM documents WHERE path = ?", [path]).fetchone()
             removed = self._delete_chunks(old[0]) if old else []
             record = {
@@ -425,7 +444,7 @@ class Store:
     def delete_document(self, path: str) -> list[int]:
         """Remove a document and its chunks; returns the removed chunk ids."""
         cache_in_sync = self._cache_in_sync()
-        with self.db.conn:
+        with transaction(self.db):
             row = self.db.execute("SELECT id FROM documents WHERE path = ?", [path]).fetchone()
             if not row:
                 return []
@@ -566,14 +585,11 @@ class Store:
         return docs, chunks
 
     def log_ingest(self, started_at: float, paths: list[str], report: dict) -> None:
-        with self.db.conn:
-            self.db["ingests"].insert(
-                {
-                    "started_at": started_at,
-                    "finished_at": time.time(),
-                    "paths": json.dumps(paths, ensure_ascii=False),
-                    "report": json.dumps(report, ensure_ascii=False, default=str),
-                }
+        with transaction(self.db):
+            self.db.execute(
+                "INSERT INTO ingests (started_at, finished_at, paths, report) VALUES (?, ?, ?, ?)",
+                [started_at, time.time(), json.dumps(paths, ensure_ascii=False),
+                 json.dumps(report, ensure_ascii=False, default=str)],
             )
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('last_ingest', ?)", [str(time.time())])
 

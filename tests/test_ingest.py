@@ -24,6 +24,10 @@ def _consistent(home: Path) -> tuple[int, int]:
         assert ids_db == ids_index
         fts = store.db.execute("SELECT count(*) FROM chunks_fts").fetchone()[0]
         assert fts == len(ids_db)
+        torn = store.db.execute(
+            "SELECT count(*) FROM documents d WHERE n_chunks != (SELECT count(*) FROM chunks c WHERE c.doc_id = d.id)"
+        ).fetchone()[0]
+        assert torn == 0  # each document went in with all its chunks, or not at all
         return store.counts()
     finally:
         store.close()
