@@ -101,7 +101,7 @@ class Answer:
 
 def question_terms(question: str) -> list[str]:
     seen: dict[str, None] = {}
-    for term in lexical_terms(question):
+    for term in lexical_terms(question, unigrams=False):  # the coverage thresholds were calibrated on bigrams
         if term in STOP_WORDS or (len(term) == 1 and not is_unspaced(term)):
             continue
         seen.setdefault(term, None)

@@ -217,6 +217,16 @@ class NumpyBertEncoder:
         self.max_seq = max_seq
         raw = load_file(str(folder / "model.safetensors"))
         self.w = {k.removeprefix("bert."): v.astype(np.float32) for k, v in raw.items()}
+        # Weights laid out for x @ W: transposed once, contiguous, and q/k/v fused into one product per layer.
+        self.wt = {}
+        for name in list(self.w):
+            if name.endswith(".weight") and self.w[name].ndim == 2 and "embeddings" not in name:
+                self.wt[name] = np.ascontiguousarray(self.w[name].T)
+        for i in range(self.config["num_hidden_layers"]):
+            p = f"encoder.layer.{i}.attention.self."
+            self.wt[p + "qkv.weight"] = np.ascontiguousarray(np.concatenate(
+                [self.wt[p + n + ".weight"] for n in ("query", "key", "value")], axis=1))
+            self.w[p + "qkv.bias"] = np.concatenate([self.w[p + n + ".bias"] for n in ("query", "key", "value")])
         pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
         self.pool_cls = bool(pooling.get("pooling_mode_cls_token"))
         self.normalize = (folder / "2_Normalize").exists() or _has_normalize(folder)
@@ -251,7 +261,7 @@ class NumpyBertEncoder:
         return (x - mean) / np.sqrt(var + eps) * self.w[prefix + ".weight"] + self.w[prefix + ".bias"]
 
     def _dense(self, x, prefix):
-        return x @ self.w[prefix + ".weight"].T + self.w[prefix + ".bias"]
+        return x @ self.wt[prefix + ".weight"] + self.w[prefix + ".bias"]
 
     def encode(self, text: str) -> np.ndarray:
         ids = self.tokenizer.encode(text, self.max_seq)
@@ -268,9 +278,8 @@ class NumpyBertEncoder:
         hd = hidden // heads
         for i in range(self.config["num_hidden_layers"]):
             p = f"encoder.layer.{i}."
-            q = self._dense(x, p + "attention.self.query").reshape(n, heads, hd).transpose(1, 0, 2)
-            k = self._dense(x, p + "attention.self.key").reshape(n, heads, hd).transpose(1, 0, 2)
-            v = self._dense(x, p + "attention.self.value").reshape(n, heads, hd).transpose(1, 0, 2)
+            qkv = self._dense(x, p + "attention.self.qkv").reshape(n, 3, heads, hd).transpose(1, 2, 0, 3)
+            q, k, v = qkv[0], qkv[1], qkv[2]
             scores = q @ k.transpose(0, 2, 1) / np.sqrt(hd)
             scores = np.exp(scores - scores.max(-1, keepdims=True))
             scores /= scores.sum(-1, keepdims=True)

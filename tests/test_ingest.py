@@ -276,3 +276,22 @@ def test_filters(make_kb, corpus):
         assert all(not h.path.endswith("gamma.md") for h in by_date)
         by_path = kb.search("gamma", k=5, mode=mode, filters=Filters(path="*/sub/*"))
         assert by_path and all("/sub/" in h.path for h in by_path)
+
+
+def test_migration_reindexes_cjk_full_text_with_unigrams(make_kb, tmp_path, home):
+    docs = tmp_path / "zh"
+    docs.mkdir()
+    (docs / "tomato.md").write_text("# 阳台种番茄\n\n番茄是喜光植物。\n", encoding="utf-8")
+    kb = make_kb()
+    kb.ingest([docs])
+    kb.close()
+    store = Store(home)
+    with store.db.conn:  # as an index written before m003: bigrams only
+        store.db.execute("UPDATE chunks_fts SET terms = '番茄 茄是 是喜'")
+        store.db.execute("DELETE FROM _migrations WHERE name = 'm003_cjk_unigrams_in_full_text'")
+    store.close()
+    store = Store(home)
+    terms = store.db.execute("SELECT terms FROM chunks_fts").fetchone()[0].split()
+    assert "喜" in terms and "喜光" in terms and "阳台" in terms
+    store.close()
+    assert make_kb().search("光", k=1, mode="lexical")[0].path.endswith("tomato.md")
