@@ -57,7 +57,8 @@ class KnowledgeBase:
                 info = self._open_store().model_info()
                 name = info["embedding_model"] if info else ""
             self._embedder = SentenceTransformerEmbedder(
-                name or None, batch_size=self.settings.embed_batch_size, threads=self.settings.threads
+                name or None, batch_size=self.settings.embed_batch_size, threads=self.settings.threads,
+                precision=self.settings.embed_precision,
             )
         return self._embedder
 

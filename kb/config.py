@@ -28,6 +28,7 @@ class Settings:
     embedding_model: str = ""  # empty: the bundled all-MiniLM-L6-v2
     chunk_overlap: int = 32  # tokens carried over between neighbouring chunks of one section
     embed_batch_size: int = 64
+    embed_precision: str = "auto"  # auto (bf16 where the CPU has it natively), fp32, bf16
     # retrieval
     search_mode: str = "hybrid"
     top_k: int = 5

@@ -252,13 +252,15 @@ def finetune(home: Path, data: str | Path | None, config: TrainConfig, *, resume
     start, losses = 0, []
     if resume and (run / "checkpoint").is_dir():
         model = PeftModel.from_pretrained(model, str(run / "checkpoint"), is_trainable=True)
-        state = torch.load(run / "checkpoint" / "state.pt", weights_only=False)
+        state = torch.load(run / "checkpoint" / "state.pt", weights_only=False, map_location="cpu")
         start, losses = state["step"], state["losses"]
     else:
         model = get_peft_model(model, LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
                                                  target_modules=list(config.targets), bias="none",
                                                  task_type="CAUSAL_LM"))
         state = None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -274,7 +276,7 @@ def finetune(home: Path, data: str | Path | None, config: TrainConfig, *, resume
             input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch])
             labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
             mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
-            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            loss = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -310,6 +312,7 @@ def finetune(home: Path, data: str | Path | None, config: TrainConfig, *, resume
         "loss_curve": losses,
         "final_loss": round(float(np.mean(losses[-10:])), 4) if losses else None,
         "seconds_this_session": round(time.time() - started, 1),
+        "device": device,
         "created_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     (folder / f"{config.name}.json").write_text(json.dumps(card, indent=2))

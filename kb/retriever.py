@@ -25,11 +25,12 @@ import numpy as np
 from kb.embedder import Embedder
 from kb.errors import BadQuestion
 from kb.store import Store
-from kb.text import fts_query, model_covers
+from kb.text import fts_query, model_covers, query_terms
 from kb.types import Hit
 
 MODES = ("dense", "lexical", "hybrid")
 CANDIDATES = 50  # passages each retriever hands to the fusion
+PRUNE_FROM = 10_000  # chunks; below this every full-text query is fast and keeps all its terms
 
 
 @dataclass
@@ -136,7 +137,7 @@ class Retriever:
             timings["dense_ms"] = (time.perf_counter() - t) * 1000
         if mode in ("lexical", "hybrid"):
             t = time.perf_counter()
-            lexical = self.store.lexical_search(fts_query(query), n, allowed)
+            lexical = self.store.lexical_search(fts_query(self._informative_terms(query, mode)), n, allowed)
             timings["lexical_ms"] = (time.perf_counter() - t) * 1000
         if timings.get("dense_skipped") and not lexical:
             t = time.perf_counter()
@@ -153,6 +154,23 @@ class Retriever:
             hits = self.reranker.rerank(query, hits)
             timings["rerank_ms"] = (time.perf_counter() - t) * 1000
         return SearchResult(hits=hits[:k], mode=requested, timings=timings, query_vector=vector)
+
+    def _informative_terms(self, query: str, mode: str) -> list[str]:
+        """The query's terms without those in at least half of all chunks (in indexes of PRUNE_FROM chunks or more).
+
+        BM25 gives such a term an IDF of zero or less (FTS5 clamps it to 1e-6), so it cannot change the
+        ranking, but its posting list can span the whole index and dominate the search time ("the", "how",
+        "的"). When every term is that common, lexical search knows nothing about this query: hybrid search
+        then leaves it out, and lexical-only search keeps all the terms.
+        """
+        terms = query_terms(query)
+        if not terms or self.store.fts_size() < PRUNE_FROM:
+            return terms
+        total, df = self.store.doc_freqs(terms)
+        kept = [t for t in terms if df[t] * 2 < total]
+        if kept:
+            return kept
+        return [] if mode == "hybrid" else terms
 
     def dense_covers(self, query: str) -> bool:
         return model_covers(getattr(self.embedder, "languages", None), query)

@@ -311,6 +311,7 @@ class Store:
         migrate(self.db)
         self._vectors: VectorIndex | None = None
         self._model_info: dict | None = None
+        self._df_cache: tuple | None = None
 
     # --- metadata -------------------------------------------------------------------------------
 
@@ -561,6 +562,27 @@ class Store:
                 )
             )
         return out
+
+    def _term_cache(self) -> tuple[int, int, dict]:
+        generation = self.generation
+        if self._df_cache is None or self._df_cache[0] != generation:
+            total = self.db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+            self._df_cache = (generation, total, {})
+        return self._df_cache
+
+    def fts_size(self) -> int:
+        """Chunks in the index (cached until it changes)."""
+        return self._term_cache()[1]
+
+    def doc_freqs(self, terms: list[str]) -> tuple[int, dict[str, int]]:
+        """(chunks in the full-text index, chunks containing each term), cached until the index changes."""
+        _, total, cache = self._term_cache()
+        for term in terms:
+            if term not in cache:
+                cache[term] = self.db.execute(
+                    "SELECT count(*) FROM chunks_fts WHERE chunks_fts MATCH ?", ['"' + term.replace('"', '""') + '"']
+                ).fetchone()[0]
+        return total, {t: cache[t] for t in terms}
 
     def lexical_search(self, match: str, k: int, allowed: set[int] | None = None) -> list[tuple[int, float]]:
         """BM25 over the full-text table; scores are positive, higher is better."""

@@ -56,12 +56,14 @@ def lexical_document(text: str) -> str:
     return " ".join(lexical_terms(text))
 
 
-def fts_query(text: str) -> str:
-    """An FTS5 MATCH expression that ORs the distinct terms of `text`; empty when it has none."""
-    seen: dict[str, None] = {}
-    for term in lexical_terms(text):
-        seen.setdefault(term, None)
-    return " OR ".join('"' + t.replace('"', '""') + '"' for t in seen)
+def query_terms(text: str) -> list[str]:
+    """The distinct lexical terms of a query, in order."""
+    return list(dict.fromkeys(lexical_terms(text)))
+
+
+def fts_query(terms: list[str]) -> str:
+    """An FTS5 MATCH expression that ORs `terms`; empty when there are none."""
+    return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
 
 
 # Scripts whose languages an embedding model must list to be trusted with a query in that script.

@@ -17,7 +17,15 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 @pytest.fixture(scope="module")
 def st_embedder():
-    return SentenceTransformerEmbedder()
+    return SentenceTransformerEmbedder(precision="fp32")
+
+
+def test_bf16_bulk_embeddings_match_float32(st_embedder):
+    texts = ["Feed the starter once a day when it lives on the counter.", "番茄是喜光植物。", "word " * 300]
+    bf16 = SentenceTransformerEmbedder(precision="bf16").embed_batch(texts)
+    fp32 = st_embedder.embed_batch(texts)
+    assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
+    assert float((bf16 * fp32).sum(1).min()) > 0.999
 
 
 def test_numpy_query_encoder_equals_sentence_transformers(st_embedder):
