@@ -223,3 +223,12 @@ def test_cli_model_errors_name_the_file(tmp_path, cli_ingested):
         result = runner.invoke(cli, ["ask", QUESTION, "--kb", str(home), "--model", str(model), "--min-score", "0"])
         assert result.exit_code == 1, result.output
         assert message in result.output and str(model) in result.output and "Traceback" not in result.output
+
+
+def test_chat_template_fallback_is_chatml():
+    from kb.generator import compile_chat_template
+
+    for source in (None, "", "{% broken"):
+        text = compile_chat_template(source).render(
+            messages=[{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], add_generation_prompt=True)
+        assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
