@@ -118,7 +118,7 @@ class KnowledgeBase:
 
     def _retriever(self) -> Retriever:
         store = self._open_store()
-        if store.counts()[1] == 0:
+        if not store.has_chunks():
             raise NotIngested(f"the knowledge base at {self.home} has no documents yet")
         return Retriever(store, self.embedder, self._reranker)
 
