@@ -223,7 +223,10 @@ class VectorIndex:
         # or faster from 1k to 100k vectors, and 4 ms faster per search while numpy's BLAS threads are busy).
         faiss.omp_set_num_threads(1)
         self.dim = dim
-        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        # Vectors held as float16 (exact float32 copies stay in SQLite): a flat scan reads half the memory,
+        # 2.8 ms instead of 6.2 ms per query at 100k x 384 here; scores move by about 1e-3 at most.
+        flat16 = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        self.index = faiss.IndexIDMap2(flat16)
         self.generation = -1
 
     @property
