@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kb import history as log
 from kb.answer import Answer, AnswerStream
+from kb.generator import complete
 from kb.prompting import persona_text, render_template
 
 # Share of the context window the verbatim history may take before older turns are summarized.
@@ -55,15 +56,8 @@ class Chat:
         self.conversation = log.new_conversation(self.kb._open_store(), self.persona)
         self.last = None
 
-    def _complete(self, messages: list[dict], max_tokens: int) -> str:
-        generator = self.kb.generator
-        prompt = generator.format_chat(messages)
-        room = generator.n_ctx - generator.count_tokens(prompt)
-        if room < 8:
-            return ""
-        text = "".join(generator.stream(prompt, max_tokens=min(max_tokens, room), temperature=0.0,
-                                        seed=self.kb.settings.seed))
-        return text.strip()
+    def _complete(self, content: str, max_tokens: int) -> str:
+        return complete(self.kb.generator, content, max_tokens, seed=self.kb.settings.seed)
 
     def _fit(self, text: str, share: float) -> str:
         generator = self.kb.generator
@@ -76,7 +70,7 @@ class Chat:
             return question
         history = self._fit(transcript(messages[-4:]), 0.4)
         prompt = render_template("condense", self.kb.home, history=history, question=question)
-        rewritten = self._complete([{"role": "user", "content": prompt}], CONDENSE_TOKENS)
+        rewritten = self._complete(prompt, CONDENSE_TOKENS)
         rewritten = rewritten.splitlines()[0].strip() if rewritten else ""
         # A small model sometimes answers instead of rewriting, or returns nothing: keep the user's own
         # words then, with the previous question for context, which retrieval handles well.
@@ -95,7 +89,7 @@ class Chat:
         history = (f"Earlier summary: {self.conversation.summary}\n" if self.conversation.summary else "")
         history = self._fit(history + transcript(older), 0.5)
         prompt = render_template("summarize", self.kb.home, history=history)
-        summary = self._complete([{"role": "user", "content": prompt}], SUMMARY_TOKENS)
+        summary = self._complete(prompt, SUMMARY_TOKENS)
         log.fold_into_summary(self.kb._open_store(), self.conversation, summary or self.conversation.summary,
                               keep_last=2 * KEEP_TURNS)
 

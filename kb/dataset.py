@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kb.errors import KBError
-from kb.text import lexical_terms
+from kb.generator import complete
+from kb.text import lcs_length, lexical_terms
 
 
 @dataclass
@@ -180,13 +181,7 @@ def rouge_l(a: str, b: str) -> float:
     x, y = lexical_terms(a), lexical_terms(b)
     if not x or not y:
         return 0.0
-    prev = [0] * (len(y) + 1)
-    for xi in x:
-        cur = [0] * (len(y) + 1)
-        for j, yj in enumerate(y):
-            cur[j + 1] = prev[j] + 1 if xi == yj else max(prev[j + 1], cur[j])
-        prev = cur
-    lcs = prev[-1]
+    lcs = lcs_length(x, y)
     if lcs == 0:
         return 0.0
     p, r = lcs / len(x), lcs / len(y)
@@ -272,16 +267,8 @@ def build_dataset(store, out: str | Path, *, kind: str = "both", teacher=None, p
     return {"out": str(out), "chunks": len(rows), **dict(stats)}
 
 
-def _complete(teacher, content: str, max_tokens: int) -> str:
-    prompt = teacher.format_chat([{"role": "user", "content": content}])
-    room = teacher.n_ctx - teacher.count_tokens(prompt)
-    if room < 16:
-        return ""
-    return "".join(teacher.stream(prompt, max_tokens=min(max_tokens, room), temperature=0.0, seed=0)).strip()
-
-
 def _qa_pair(teacher, title: str, text: str, kept_questions: list[str], stats) -> list[dict] | None:
-    question = _complete(teacher, QUESTION_PROMPT.format(title=title, text=text), 48)
+    question = complete(teacher, QUESTION_PROMPT.format(title=title, text=text), 48, min_room=16)
     question = question.splitlines()[0].strip() if question else ""
     question = re.sub(r"^(question\s*\d*\s*[:：]\s*)", "", question, flags=re.I)
     if degenerate(question) or not question.endswith(("?", "？")):
@@ -290,7 +277,7 @@ def _qa_pair(teacher, title: str, text: str, kept_questions: list[str], stats) -
     if any(rouge_l(question, q) > 0.7 for q in kept_questions):
         stats["rejected_duplicate"] += 1
         return None
-    answer = _complete(teacher, ANSWER_PROMPT.format(text=text, question=question), 96)
+    answer = complete(teacher, ANSWER_PROMPT.format(text=text, question=question), 96, min_room=16)
     if degenerate(answer):
         stats["rejected_degenerate"] += 1
         return None

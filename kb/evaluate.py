@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kb.errors import KBError
-from kb.text import unspaced_ratio
+from kb.text import lcs_length, unspaced_ratio
 
 
 @dataclass
@@ -186,16 +186,6 @@ def _cjk_units(text: str) -> list[str]:
     return units
 
 
-def _lcs(a: list[str], b: list[str]) -> int:
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0] * (len(b) + 1)
-        for j, y in enumerate(b):
-            cur[j + 1] = prev[j] + 1 if x == y else max(prev[j + 1], cur[j])
-        prev = cur
-    return prev[-1]
-
-
 def answer_scores(prediction: str, golds: list[str]) -> tuple[float, float]:
     """(exact match, F1) of `prediction` against the best-matching gold answer."""
     if not golds:
@@ -206,7 +196,7 @@ def answer_scores(prediction: str, golds: list[str]) -> tuple[float, float]:
         if chinese:
             p, g = _cjk_units(prediction), _cjk_units(gold)
             em = float(p == g)
-            common = _lcs(p, g) if p and g else 0
+            common = lcs_length(p, g) if p and g else 0
         else:
             p, g = normalize_answer(prediction).split(), normalize_answer(gold).split()
             em = float(p == g)

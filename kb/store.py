@@ -23,7 +23,7 @@ import numpy as np
 import sqlite_utils
 
 from kb.errors import Locked, ModelMismatch, NotIngested
-from kb.text import has_unspaced, lexical_document
+from kb.text import fts_query, has_unspaced, lexical_document
 from kb.types import Chunk, Hit
 
 SCHEMA_VERSION = 2
@@ -126,7 +126,10 @@ def chunk_terms(title: str | None, heading: str | None, text: str) -> str:
 @contextmanager
 def transaction(db: sqlite_utils.Database) -> Iterator[None]:
     """One atomic write. Needed explicitly: sqlite-utils' execute() commits every write made outside an open
-    transaction, and Python's `with conn:` only commits at the end, it never begins one. Nested: joins the outer."""
+    transaction, and Python's `with conn:` only commits at the end, it never begins one. Not `db.atomic()`:
+    that begins a deferred transaction, and one that reads before it writes (a migration, a document
+    replacement) fails with SQLITE_BUSY when another process wrote meanwhile; BEGIN IMMEDIATE takes the write
+    lock first and waits for it. sqlite-utils' own writes inside nest as savepoints. Nested: joins the outer."""
     conn = db.conn
     if conn.in_transaction:
         yield
@@ -434,17 +437,11 @@ class Store:
                 "n_chunks": len(chunks),
                 "ingested_at": time.time(),
             }
-            # Plain SQL, not sqlite-utils' insert/update: those commit on their own, which would split this
-            # transaction and let a crash leave a document recorded with its new hash but without chunks.
-            columns = list(record)
             if old:
                 doc_id = old[0]
-                self.db.execute(f"UPDATE documents SET {', '.join(c + ' = ?' for c in columns)} WHERE id = ?",
-                                [*record.values(), doc_id])
+                self.db["documents"].update(doc_id, record)
             else:
-                doc_id = self.db.execute(
-                    f"INSERT INTO documents ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-                    list(record.values())).lastrowid
+                doc_id = self.db["documents"].insert(record).last_pk
             new_ids = []
             for chunk, vector in zip(chunks, vectors):
                 cur = self.db.execute(
@@ -583,7 +580,7 @@ class Store:
         for term in terms:
             if term not in cache:
                 cache[term] = self.db.execute(
-                    "SELECT count(*) FROM chunks_fts WHERE chunks_fts MATCH ?", ['"' + term.replace('"', '""') + '"']
+                    "SELECT count(*) FROM chunks_fts WHERE chunks_fts MATCH ?", [fts_query([term])]
                 ).fetchone()[0]
         return total, {t: cache[t] for t in terms}
 
@@ -611,17 +608,14 @@ class Store:
 
     def term_stats(self, terms: list[str], ids: list[int]) -> tuple[int, dict[str, int], dict[str, set[int]]]:
         """(chunks in the index, chunks containing each term, which of `ids` contain each term), by FTS5 rules."""
-        total = self.db.execute("SELECT count(*) FROM chunks_fts").fetchone()[0]
-        df: dict[str, int] = {}
-        present: dict[str, set[int]] = {}
+        total, df = self.doc_freqs(terms)
         marks = ",".join("?" * len(ids))
-        for term in terms:
-            match = '"' + term.replace('"', '""') + '"'
-            df[term] = self.db.execute(
-                "SELECT count(*) FROM chunks_fts WHERE chunks_fts MATCH ?", [match]).fetchone()[0]
-            present[term] = {r[0] for r in self.db.execute(
+        present = {
+            term: {r[0] for r in self.db.execute(
                 f"SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ? AND rowid IN ({marks})",
-                [match, *ids]).fetchall()} if ids else set()
+                [fts_query([term]), *ids]).fetchall()} if ids else set()
+            for term in terms
+        }
         return total, df, present
 
     def has_chunks(self) -> bool:
@@ -635,10 +629,13 @@ class Store:
 
     def log_ingest(self, started_at: float, paths: list[str], report: dict) -> None:
         with transaction(self.db):
-            self.db.execute(
-                "INSERT INTO ingests (started_at, finished_at, paths, report) VALUES (?, ?, ?, ?)",
-                [started_at, time.time(), json.dumps(paths, ensure_ascii=False),
-                 json.dumps(report, ensure_ascii=False, default=str)],
+            self.db["ingests"].insert(
+                {
+                    "started_at": started_at,
+                    "finished_at": time.time(),
+                    "paths": json.dumps(paths, ensure_ascii=False),
+                    "report": json.dumps(report, ensure_ascii=False, default=str),
+                }
             )
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('last_ingest', ?)", [str(time.time())])
 

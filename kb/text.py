@@ -51,6 +51,17 @@ def lexical_terms(text: str, *, unigrams: bool = True) -> list[str]:
     return terms
 
 
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence of two token lists (ROUGE-L, CMRC's F1)."""
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0] * (len(b) + 1)
+        for j, y in enumerate(b):
+            cur[j + 1] = prev[j] + 1 if x == y else max(prev[j + 1], cur[j])
+        prev = cur
+    return prev[-1]
+
+
 def lexical_document(text: str) -> str:
     """The string stored in the FTS5 table for `text` (terms joined by spaces)."""
     return " ".join(lexical_terms(text))
