@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from kb.api import KnowledgeBase  # noqa: E402
+from report import print_sections  # noqa: E402  (benchmarks/report.py, beside this script)
 from kb.generator import REPEAT_PENALTY  # noqa: E402
 
 QUESTIONS = [
@@ -152,11 +153,7 @@ def main() -> None:
         t = time.perf_counter()
         result["xquad_en"] = answers(args.answers_limit, keep / "xquad.en")
         result["xquad_en"]["seconds"] = round(time.perf_counter() - t, 1)
-    print(f"{'measure':40} value")
-    for section, values in result.items():
-        for key, value in values.items():
-            print(f"{section + '.' + key:40} {value}")
-    print(json.dumps(result))
+    print_sections(result)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from kb.api import KnowledgeBase  # noqa: E402
+from report import print_sections  # noqa: E402  (benchmarks/report.py, beside this script)
 from kb.dataset import build_dataset  # noqa: E402
 from kb.evaluate import _open_eval_kb, eval_answers, load_eval_set  # noqa: E402
 
@@ -84,11 +85,7 @@ def main() -> None:
                          "em_base": base["exact_match"], "em_adapter": tuned["exact_match"],
                          "citation_accuracy_base": base["citation_accuracy"],
                          "citation_accuracy_adapter": tuned["citation_accuracy"]}
-    print(f"{'measure':40} value")
-    for section, values in result.items():
-        for key, value in values.items():
-            print(f"{section + '.' + key:40} {value}")
-    print(json.dumps(result))
+    print_sections(result)
 
 
 if __name__ == "__main__":

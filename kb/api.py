@@ -66,9 +66,7 @@ class KnowledgeBase:
     def generator(self) -> Generator:
         """The chat model: the bundled SmolLM2 GGUF unless `model` is set. Loaded once per process."""
         if self._generator is None:
-            from kb.generator import LlamaGenerator, LlamaOptions
-
-            from kb.generator import resolve_model
+            from kb.generator import LlamaGenerator, LlamaOptions, resolve_model
 
             s = self.settings
             lora = None
@@ -159,11 +157,11 @@ class KnowledgeBase:
         generator = self.generator  # a bad --model fails here, before any work; loading waits until needed
         result = self.search_result(standalone, k, mode=mode, filters=filters)
         hits = result.hits
-        signals = relevance(self._open_store(), standalone, result.query_vector, hits)
+        store = self._open_store()
+        signals = relevance(store, standalone, result.query_vector, hits)
         timings["retrieve_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         threshold = s.min_score if min_score is None else min_score
         relevant = [h for h, sig in zip(hits, signals) if sig["score"] >= threshold]
-        store = self._open_store()
 
         def done(answer: Answer) -> None:
             if log:

@@ -55,6 +55,11 @@ def cli():
 # --- ingest ------------------------------------------------------------------------------------
 
 
+def status_line(line: str, tty: bool) -> None:
+    """Progress on stderr: rewritten in place on a terminal, one line each time otherwise."""
+    click.echo(("\r" + line + "\033[K") if tty else line, nl=not tty, err=True)
+
+
 class ProgressPrinter:
     """Ingest progress on stderr: one updating line on a terminal, a line every few seconds otherwise."""
 
@@ -81,7 +86,7 @@ class ProgressPrinter:
                 f"files {event['files_done']}/{event['files']} · chunks {event['chunks']} · "
                 f"{event['files_per_s']:.1f} files/s · {event['chunks_per_s']:.1f} chunks/s"
             )
-            click.echo(("\r" + line + "\033[K") if self.tty else line, nl=not self.tty, err=True)
+            status_line(line, self.tty)
         elif kind == "done" and self.tty:
             click.echo("", err=True)
 
@@ -488,8 +493,7 @@ def dataset_build(home, kind, out, teacher, limit):
 
     def progress(n, total, stats):
         if tty or n == total or n % 50 == 0:
-            line = f"chunks {n}/{total} · " + " · ".join(f"{k} {v}" for k, v in sorted(stats.items()))
-            click.echo(("\r" + line + "\033[K") if tty else line, nl=not tty, err=True)
+            status_line(f"chunks {n}/{total} · " + " · ".join(f"{k} {v}" for k, v in sorted(stats.items())), tty)
 
     result = build_dataset(store, out, kind=kind, teacher=kb.generator if kind != "continuation" else None,
                            progress=progress, limit=limit)
@@ -561,8 +565,7 @@ def finetune(data, home, base, name, steps, epochs, rank, alpha, lr, batch, thre
     def progress(step, total, loss):
         if tty or step == total or step % 10 == 0:
             rate = (time.monotonic() - started) / max(step, 1)
-            line = f"step {step}/{total} · loss {loss:.3f} · {rate:.1f} s/step"
-            click.echo(("\r" + line + "\033[K") if tty else line, nl=not tty, err=True)
+            status_line(f"step {step}/{total} · loss {loss:.3f} · {rate:.1f} s/step", tty)
 
     click.echo("Loading the base model (about 20 s)...", err=True)
     try:
