@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,19 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # this file is named like the `ingest` package; its own folder must not shadow the package
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 DATA = ROOT.parent / "shared" / "data" / "corpora"
+sys.path.insert(1, str(Path(__file__).resolve().parent))
+from report import run_child  # noqa: E402  (benchmarks/report.py)
+from synthetic import SyntheticCorpus  # noqa: E402  (benchmarks/synthetic.py)
 KB = [sys.executable, "-m", "kb"]
-
-
-def run_child(cmd: list[str], **kw) -> tuple[float, float, subprocess.CompletedProcess]:
-    """(wall seconds, peak RSS MB of this child, result). Children are run one at a time."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    wall = time.perf_counter() - t
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if proc.returncode not in (0,):
-        sys.stderr.write(proc.stderr[-3000:])
-    return wall, max(after, before) / 1024, proc
 
 
 def ingest(folder: Path, home: Path) -> dict:
@@ -99,47 +88,50 @@ def model_alone(home: Path) -> dict:
             "chunks_per_s": round(len(texts) / inner["encode_s"], 2), "precision": inner["precision"]}
 
 
-def synthetic_search(n_chunks: int, queries: int = 50) -> dict:
-    """In-process query latency at n_chunks: random unit vectors, real SQLite/FTS rows, real query encoder."""
+def synthetic_search(n_chunks: int, queries: int = 100) -> dict:
+    """In-process query latency at n_chunks, per retriever. The text has a realistic term distribution
+    (benchmarks/synthetic.py: a Zipfian vocabulary, distinct terms per chunk), so that the full-text side
+    really searches; queries are words of a random chunk, rare and common ones mixed, as people type them."""
     import numpy as np
 
     from kb.api import KnowledgeBase
     from kb.embedder import BUNDLED_EMBEDDER_ID
-    from kb.store import Store
-    from kb.text import lexical_document
+    from kb.store import Store, chunk_terms
 
-    rng = np.random.default_rng(0)
-    words = "rust cargo async trait borrow lifetime macro crate compiler release edition memory thread".split()
+    corpus = SyntheticCorpus(seed=0)
     home = Path(tempfile.mkdtemp(prefix="kb-bench-"))
     store = Store(home, create=True)
     store.bind_model(BUNDLED_EMBEDDER_ID, 384, 254, 32)
-    vecs = rng.standard_normal((n_chunks, 384)).astype(np.float32)
-    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    per_doc = 20
     with store.db.conn:
-        per_doc = 20
         for d in range(n_chunks // per_doc):
             store.db.execute(
                 "INSERT INTO documents (id, path, root, file_type, title, hash, size, mtime, metadata, tags, n_chunks) "
                 "VALUES (?, ?, '/', 'markdown', ?, '', 0, 0, '{}', '[]', ?)",
                 [d + 1, f"/synthetic/{d}.md", f"Doc {d}", per_doc],
             )
-        for i in range(n_chunks):
-            text = " ".join(rng.choice(words, 60)) + f" token{i}"
-            store.db.execute(
-                "INSERT INTO chunks (id, doc_id, ord, text, heading, n_tokens, vector) VALUES (?, ?, ?, ?, '', 60, ?)",
-                [i + 1, i // per_doc + 1, i % per_doc, text, vecs[i].tobytes()],
-            )
-            store.db.execute("INSERT INTO chunks_fts (rowid, terms) VALUES (?, ?)", [i + 1, lexical_document(text)])
+        texts = []
+        for start in range(0, n_chunks, 10_000):
+            batch = corpus.chunks(min(10_000, n_chunks - start))
+            vecs = corpus.vectors(len(batch))
+            store.db.conn.executemany(
+                "INSERT INTO chunks (id, doc_id, ord, text, heading, n_tokens, vector) VALUES (?, ?, ?, ?, '', 0, ?)",
+                [(start + i + 1, (start + i) // per_doc + 1, (start + i) % per_doc, t, v.tobytes())
+                 for i, (t, v) in enumerate(zip(batch, vecs))])
+            store.db.conn.executemany("INSERT INTO chunks_fts (rowid, terms) VALUES (?, ?)",
+                                      [(start + i + 1, chunk_terms("", "", t)) for i, t in enumerate(batch)])
+            texts.extend(batch[:: max(1, len(batch) // queries)])
         store._bump_generation()
     store.save_vectors()
     store.close()
     kb = KnowledgeBase(home)
+    rng = np.random.default_rng(1)
+    asked = [corpus.query_from(texts[int(i)], rng) for i in rng.integers(0, len(texts), queries)]
     out = {}
     for mode in ("dense", "lexical", "hybrid"):
         kb.search("warm up the caches", 5, mode=mode)
         times = []
-        for q in range(queries):
-            query = " ".join(rng.choice(words, 6))
+        for query in asked:
             t = time.perf_counter()
             kb.search(query, 5, mode=mode)
             times.append((time.perf_counter() - t) * 1000)

@@ -1,11 +1,36 @@
-"""Output shared by the benchmark scripts: a two-column table of `section.measure value`, then one JSON object."""
+"""Shared by the benchmarks: the table printer and a child-process runner that measures the child's own peak RSS."""
+
+from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
 
 
 def print_sections(result: dict) -> None:
+    """A two-column table of `section.measure value`, then the whole result as one JSON object."""
     print(f"{'measure':40} value")
     for section, values in result.items():
-        for key, value in values.items():
-            print(f"{section + '.' + key:40} {value}")
+        for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
+            print(f"{section + ('.' + key if key else ''):40} {value}")
     print(json.dumps(result))
+
+
+def run_child(cmd: list[str], **kw) -> tuple[float, float, subprocess.CompletedProcess]:
+    """(wall seconds, peak RSS in MB of this child alone, result): the child is reaped with wait4, whose
+    resource usage is that process's own, not the largest of all children so far."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, **kw)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(cmd, proc.returncode, out.read().decode(), err.read().decode())
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr[-3000:])
+    return wall, usage.ru_maxrss / 1024, result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 
 FILE_TYPES = {
@@ -17,6 +18,12 @@ FILE_TYPES = {
 }
 
 
+# Larger files are skipped with a reason: no real note, page or manual comes near these, and reading one
+# whole (a log file named .txt, a disk image named .pdf) would stall an ingest.
+MAX_BYTES = {"markdown": 64 << 20, "text": 64 << 20, "rst": 64 << 20, "html": 64 << 20,
+             "pdf": 1 << 30, "docx": 512 << 20}
+
+
 @dataclass
 class Candidate:
     path: str  # absolute, symlinks kept as named so that a document stays under the folder it was found in
@@ -27,7 +34,8 @@ class Candidate:
 @dataclass
 class Discovery:
     files: list[Candidate] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # unsupported file types
+    skipped_reasons: dict[str, str] = field(default_factory=dict)  # supported names that are not readable files
     failed: list[tuple[str, str]] = field(default_factory=list)
     roots: list[str] = field(default_factory=list)  # folders walked completely: deletions are detected in these
 
@@ -48,7 +56,7 @@ def discover(paths: list[str]) -> Discovery:
         if os.path.isdir(path):
             _walk(path, found, seen_files)
             found.roots.append(path)
-        elif os.path.isfile(path):
+        elif os.path.exists(path):
             _take(path, path, found, seen_files)
         else:
             found.failed.append((path, _why_unreadable(path)))
@@ -62,8 +70,17 @@ def _take(path: str, root: str, found: Discovery, seen: set[str]) -> None:
         return
     try:
         real = os.path.realpath(path, strict=True)
+        st = os.stat(real)
     except OSError as e:
         found.failed.append((path, _why_unreadable(path, e)))
+        return
+    if not stat.S_ISREG(st.st_mode):
+        # a named pipe would block the ingest forever, /dev/zero or /dev/urandom never end
+        found.skipped_reasons[path] = f"not a regular file ({_kind(st.st_mode)}{' via a symlink' if real != path else ''})"
+        return
+    if st.st_size > MAX_BYTES[ftype]:
+        found.skipped_reasons[path] = (f"too large for a {ftype} file ({st.st_size / (1 << 20):.0f} MB, "
+                                       f"the limit is {MAX_BYTES[ftype] >> 20} MB)")
         return
     if real in seen:
         return
@@ -108,6 +125,16 @@ def _why_unreadable(path: str, err: OSError | None = None) -> str:
     if err is not None:
         return err.strerror or str(err)
     return "not a regular file"
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a file"
 
 
 def is_under(path: str, root: str) -> bool:

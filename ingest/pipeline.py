@@ -40,6 +40,11 @@ class _Work:
     error: str | None = None
 
 
+def embed_hash(text: str) -> str:
+    """Identifies what the embedder was given for a chunk (title and heading prefix included)."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
 def file_hash(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -66,10 +71,21 @@ def run_ingest(
     t = time.perf_counter()
     found = discover(paths)
     report.skipped = found.skipped
-    report.failed.extend(FileFailure(p, r) for p, r in found.failed)
+    report.skipped_reasons = found.skipped_reasons
     timings["discover"] = time.perf_counter() - t
 
     store.bind_model(embedder.model_id, embedder.dim, embedder.max_tokens, chunk_overlap)
+
+    # a path given again that no longer exists: the file, or the whole folder, was deleted since it was
+    # ingested; its documents go (a path never ingested stays an error: nothing is removed on a typo)
+    for path, reason in found.failed:
+        gone = [] if os.path.lexists(path) else store.documents_under(path)
+        if gone:
+            for doc in gone:
+                store.delete_document(doc.path)
+                report.removed.append(doc.path)
+        else:
+            report.failed.append(FileFailure(path, reason))
 
     # what changed?
     t = time.perf_counter()
@@ -84,25 +100,27 @@ def run_ingest(
             continue
         if known and known.hash == digest:
             report.unchanged.append(cand.path)
-            if known.mtime != st.st_mtime or known.size != st.st_size:
-                store.touch_document(known.id, st.st_mtime, st.st_size)
+            if known.mtime != st.st_mtime or known.size != st.st_size or known.root != cand.root:
+                store.touch_document(known.id, st.st_mtime, st.st_size, cand.root)
             continue
         todo.append(_Work(cand, digest, st.st_size, st.st_mtime, existed=known is not None))
     timings["hash"] = time.perf_counter() - t
 
-    # files gone from the folders that were walked
-    present = {c.path for c in found.files} | {p for p, _ in found.failed}
-    for root in found.roots:
-        for doc in store.documents_under(root):
-            if doc.path not in present and not os.path.lexists(doc.path):
-                store.delete_document(doc.path)
-                report.removed.append(doc.path)
+    # files gone from the folders that were walked: removed once the new and changed files are in, so that
+    # a renamed or moved file finds its chunks' vectors still there to reuse
+    present = {c.path for c in found.files} | {p for p, _ in found.failed} | set(found.skipped_reasons)
+    vanished = [doc.path for root in found.roots for doc in store.documents_under(root)
+                if doc.path not in present and not os.path.lexists(doc.path)]
 
-    emit({"event": "start", "files": len(todo), "unchanged": len(report.unchanged), "removed": len(report.removed)})
+    emit({"event": "start", "files": len(todo), "unchanged": len(report.unchanged),
+          "removed": len(report.removed) + len(vanished)})
     if todo:
         store.vectors()  # load (and if need be repair) the cache now, so that each commit updates it in place
         _embed_and_store(store, embedder, todo, report, timings, chunk_overlap, batch_size,
                          checkpoint_seconds, emit)
+    for path in vanished:
+        store.delete_document(path)
+        report.removed.append(path)
     if todo or report.removed:
         t = time.perf_counter()
         store.save_vectors()
@@ -158,7 +176,16 @@ def _embed_and_store(store, embedder, todo, report, timings, overlap, batch_size
         if not pending:
             return
         t = time.perf_counter()
-        vecs = embedder.embed_batch(texts) if texts else np.zeros((0, embedder.dim), np.float32)
+        hashes = [embed_hash(text) for text in texts]
+        known = store.vectors_by_embed_hash(hashes)  # renamed files, unchanged sections of edited ones
+        new = [i for i, h in enumerate(hashes) if h not in known]
+        vecs = np.zeros((len(texts), embedder.dim), np.float32)
+        if new:
+            vecs[new] = embedder.embed_batch([texts[i] for i in new])
+        for i, h in enumerate(hashes):
+            if h in known:
+                vecs[i] = known[h]
+        report.reused_chunks += len(texts) - len(new)
         timings["embed"] += time.perf_counter() - t
         t = time.perf_counter()
         for work, first in pending:
@@ -168,10 +195,12 @@ def _embed_and_store(store, embedder, todo, report, timings, overlap, batch_size
                 path=work.candidate.path, root=work.candidate.root, file_type=doc.file_type, title=doc.title,
                 file_hash=work.file_hash, size=work.size, mtime=work.mtime, metadata=doc.metadata,
                 chunks=[p.chunk for p in work.chunks], vectors=rows,
+                embed_hashes=hashes[first : first + len(work.chunks)],
             )
             (report.updated if work.existed else report.added).append(work.candidate.path)
             report.chunks += len(work.chunks)
             report.warnings.extend(f"{work.candidate.path}: {w}" for w in doc.warnings)
+            _crash_for_tests(len(report.added) + len(report.updated))
         done_files += len(pending)
         pending, texts = [], []
         if time.monotonic() - last_checkpoint > checkpoint_seconds:
@@ -188,7 +217,11 @@ def _embed_and_store(store, embedder, todo, report, timings, overlap, batch_size
             if work is None:
                 break
             if work.error:
-                report.failed.append(FileFailure(work.candidate.path, work.error))
+                reason = work.error
+                if work.existed:  # the index must not keep answering from a version that no longer exists
+                    store.delete_document(work.candidate.path)
+                    reason += "; its previous version was removed from the index"
+                report.failed.append(FileFailure(work.candidate.path, reason))
                 continue
             pending.append((work, len(texts)))
             texts.extend(p.embed_text for p in work.chunks)
@@ -202,6 +235,18 @@ def _embed_and_store(store, embedder, todo, report, timings, overlap, batch_size
                 q.get_nowait()
             except queue.Empty:
                 producer.join(0.05)
+
+
+CRASH_AFTER_ENV = "KB_TEST_CRASH_AFTER"
+
+
+def _crash_for_tests(committed: int) -> None:
+    """The crash-safety test's hook: SIGKILL this process once `committed` documents are committed."""
+    after = os.environ.get(CRASH_AFTER_ENV)
+    if after and committed >= int(after):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _os_reason(e: OSError) -> str:

@@ -88,13 +88,40 @@ def _sections_from_elements(elements, *, paged: bool) -> list[Section]:
     return sections
 
 
-def parse_html(path: Path) -> ParsedDocument:
-    unstructured_ready()
-    from unstructured.partition.html import partition_html
+# libxml2, under unstructured's HTML parser, stops descending at 256 levels: text nested deeper is lost.
+MAX_HTML_DEPTH = 250
+_TAG = re.compile(rb"<(/?)([a-zA-Z][\w:-]*)[^>]*?(/?)>")
+_VOID = {b"area", b"base", b"br", b"col", b"embed", b"hr", b"img", b"input", b"link", b"meta", b"param",
+         b"source", b"track", b"wbr"}
 
+
+def html_depth(raw: bytes) -> int:
+    """How deep the page's elements nest (tags counted as written; void and self-closed ones do not nest)."""
+    depth = deepest = 0
+    for closing, name, self_closing in _TAG.findall(raw):
+        if name.lower() in _VOID or self_closing:
+            continue
+        if closing:
+            depth = max(depth - 1, 0)
+        else:
+            depth += 1
+            deepest = max(deepest, depth)
+    return deepest
+
+
+def parse_html(path: Path) -> ParsedDocument:
     raw = path.read_bytes()
     if not raw.strip():
         raise EmptyDocument("empty file")
+    depth = html_depth(raw)
+    if depth > MAX_HTML_DEPTH:
+        raise UnsupportedFile(
+            f"the page nests its elements {depth:,} levels deep; its text is beyond the {MAX_HTML_DEPTH} levels "
+            "an HTML parser reads (a generated or damaged page?)",
+            hint="save the page's text, or a simpler export of it, and ingest that")
+    unstructured_ready()
+    from unstructured.partition.html import partition_html
+
     elements = partition_html(filename=str(path), languages=["eng"])
     sections = _sections_from_elements(elements, paged=False)
     title = _html_title(raw) or (sections[0].headings[0] if sections and sections[0].headings else path.stem)
@@ -113,7 +140,31 @@ def _html_title(raw: bytes) -> str | None:
     return re.sub(r"\s+", " ", title) or None
 
 
+# A Word file is a zip. Its parts' declared sizes are checked before anything is inflated: a "zip bomb"
+# (a small file whose document part inflates to gigabytes) is refused without using the memory.
+MAX_DOCX_PART_BYTES = 256 << 20
+MAX_DOCX_TOTAL_BYTES = 512 << 20
+
+
+def check_docx_sizes(path: Path) -> None:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            parts = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UnsupportedFile(f"not a readable Word (.docx) file: {e}") from e
+    total = sum(p.file_size for p in parts)
+    biggest = max(parts, key=lambda p: p.file_size, default=None)
+    if biggest is not None and (biggest.file_size > MAX_DOCX_PART_BYTES or total > MAX_DOCX_TOTAL_BYTES):
+        raise UnsupportedFile(
+            f"its part {biggest.filename} inflates to {biggest.file_size / (1 << 20):,.0f} MB "
+            f"({total / (1 << 20):,.0f} MB in all): too large for a Word document (a zip bomb?)",
+            hint=f"kb reads Word files whose parts stay under {MAX_DOCX_PART_BYTES >> 20} MB")
+
+
 def parse_docx(path: Path) -> ParsedDocument:
+    check_docx_sizes(path)
     unstructured_ready()
     from unstructured.partition.docx import partition_docx
 

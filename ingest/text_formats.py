@@ -61,8 +61,17 @@ def _looks_binary(text: str) -> bool:
     return controls > len(sample) * 0.01 or sample.count("\ufffd") > len(sample) * 0.05
 
 
+# Front matter is a few lines of metadata. A larger block, or one whose YAML aliases expand into a huge
+# structure (an "alias bomb": nine nested levels of `&a [*a, *a, ...]` expand to billions of items when
+# serialized), makes the file fail alone with a reason instead of exhausting memory.
+MAX_FRONT_MATTER_CHARS = 64 * 1024
+MAX_FRONT_MATTER_ITEMS = 10_000
+
+
 def split_front_matter(text: str) -> tuple[dict, str, list[str]]:
-    """(metadata, body, warnings) for YAML (---) or TOML (+++) front matter at the top of `text`."""
+    """(metadata, body, warnings) for YAML (---) or TOML (+++) front matter at the top of `text`.
+
+    Raises UnsupportedFile for front matter too large to be metadata."""
     warnings: list[str] = []
     for fence, loader in (("---", _load_yaml), ("+++", tomllib.loads)):
         if not text.startswith(fence + "\n"):
@@ -72,11 +81,19 @@ def split_front_matter(text: str) -> tuple[dict, str, list[str]]:
             return {}, text, warnings
         raw = text[len(fence) + 1 : len(fence) + 1 + end.start()]
         body = text[len(fence) + 1 + end.end() :]
+        if len(raw) > MAX_FRONT_MATTER_CHARS:
+            raise UnsupportedFile(f"its front matter is {len(raw) // 1024} KB, too large to be metadata",
+                                  hint=f"keep front matter under {MAX_FRONT_MATTER_CHARS // 1024} KB")
         try:
             meta = loader(raw) or {}
         except Exception as e:
             warnings.append(f"front matter could not be read ({type(e).__name__}); kept out of the text")
             meta = {}
+        items = _expanded_items(meta)
+        if items > MAX_FRONT_MATTER_ITEMS:
+            raise UnsupportedFile(
+                f"its front matter expands to {items:,} values (YAML aliases nested into a bomb?)",
+                hint="front matter should be a few keys of metadata; remove the repeated aliases")
         if not isinstance(meta, dict):
             meta = {}
         return normalize_metadata(meta), body, warnings
@@ -85,6 +102,25 @@ def split_front_matter(text: str) -> tuple[dict, str, list[str]]:
 
 def _load_yaml(raw: str):
     return yaml.safe_load(raw)
+
+
+def _expanded_items(value, memo: dict | None = None) -> int:
+    """How many values `value` holds once every shared (aliased) part is written out in full; computed
+    on the shared structure, so it stays fast however large the answer."""
+    memo = {} if memo is None else memo
+    key = id(value)
+    if key in memo:
+        return memo[key]
+    if isinstance(value, dict):
+        memo[key] = 0  # a cycle counts once
+        total = 1 + sum(_expanded_items(k, memo) + _expanded_items(v, memo) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        memo[key] = 0
+        total = 1 + sum(_expanded_items(v, memo) for v in value)
+    else:
+        return 1
+    memo[key] = total
+    return total
 
 
 def normalize_metadata(meta: dict) -> dict:

@@ -72,7 +72,17 @@ def list_adapters(home: Path) -> list[dict]:
         card["path"] = str(gguf)
         card["finished"] = gguf.is_file()
         out.append(card)
-    return out
+    named = {card["name"] for card in out}
+    for run in sorted(folder.glob("*.run")):
+        if run.stem in named or not (run / "config.json").is_file():
+            continue
+        progress = run / "checkpoint" / "progress.json"
+        try:
+            steps_done = json.loads(progress.read_text())["step"] if progress.is_file() else 0
+        except (ValueError, KeyError):
+            steps_done = None
+        out.append({"name": run.stem, "path": str(run), "finished": False, "steps_done": steps_done})
+    return sorted(out, key=lambda card: card["name"])
 
 
 def remove_adapter(home: Path, name: str) -> None:

@@ -1,59 +1,36 @@
-"""Grounded answers: relevance check and refusal, context packing, citation clean-up, streaming.
+"""Grounded answers: evidence and refusal, context packing, citation clean-up, extractive answers, streaming.
 
-The steps of one ask, each a function here so that `KnowledgeBase.ask` and `Chat` share them:
-retrieve -> `relevance` (refuse without calling the model when nothing is relevant enough) ->
-`pack_passages` (fit the passages to the model's context window with its own tokenizer) ->
-generate through a `CitationFilter` (drop citation numbers that were never given) -> `Answer`.
-
-Relevance. Fused search scores rank passages but say nothing absolute, so the refusal decision uses two
-signals that do: the cosine between the question's and the passage's embeddings, and the share of the
-question's informative terms (IDF-weighted, stop words removed, CJK as character bigrams) that the passage
-contains. The embedder is English-only, so for questions written mostly in unspaced scripts only the term
-coverage counts. A passage is relevant when either signal clears its threshold; the thresholds were
-calibrated on questions with and without their gold passage in the index (docs/answers.md).
+The steps of one ask, each a function here or in kb.evidence so that `KnowledgeBase.ask` and `Chat`
+share them: retrieve -> `kb.evidence.assess` (the sentences that best answer, and whether the passages
+answer at all: refuse without calling the model when they do not) -> either an extractive answer (the best
+evidence, quoted and cited, no model) or `pack_passages` (fit the evidence and the passages to the
+model's context window with its own tokenizer) -> generate through a `CitationFilter` (drop citation
+numbers that were never given) -> `Answer`.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
-import numpy as np
-
+from kb.evidence import Evidence, join_adjacent
 from kb.generator import Generator
-from kb.text import is_unspaced, lexical_terms, unspaced_ratio
+from kb.text import unspaced_ratio
 from kb.types import Hit
-
-# Calibrated in benchmarks/calibrate_refusal.py; see docs/answers.md. Bigram coverage runs lower than
-# word coverage (a question's bigrams include some that straddle word boundaries and occur nowhere), so
-# unspaced questions have their own coverage threshold.
-DENSE_RELEVANT = 0.5
-COVERAGE_RELEVANT = 0.5
-COVERAGE_RELEVANT_UNSPACED = 0.25
 
 REFUSAL_EN = "The documents do not contain an answer to this question."
 REFUSAL_ZH = "文档中没有这个问题的答案。"
 
-# Words that carry no topic: question words and function words. IDF would down-weight them in a big
-# corpus, but in a small one a question word absent from every document would look informative.
-STOP_WORDS = frozenset("""
-a about above after again against all am an and any are as at be because been before being below between
-both but by can could did do does doing down during each few for from further had has have having he her
-here hers herself him himself his how i if in into is it its itself just me more most my myself no nor not
-now of off on once only or other our ours ourselves out over own same she should so some such than that the
-their theirs them themselves then there these they this those through to too under until up very was we
-were what when where which while who whom why will with would you your yours yourself yourselves tell
-explain describe give name list please does did much many kind type called
-什么 为什 怎么 怎样 如何 哪个 哪些 哪里 哪儿 多少 是否 是不 不是 为何 何时 几个 谁是 的是 是什 么是 了什
-""".split())
-
 
 @dataclass
 class Source:
-    """A passage as shown to the user: number `n` is the one the model saw in its prompt."""
+    """A passage as shown to the user: number `n` is the one the model saw in its prompt.
+
+    `text` is the passage as stored, so that evidence offsets index it; `relevance` is the share of the
+    question's terms (IDF-weighted) that the passage holds.
+    """
 
     n: int
     path: str
@@ -67,9 +44,9 @@ class Source:
     chunk_id: int = 0
 
     @classmethod
-    def from_hit(cls, n: int, hit: Hit, relevance: float, text: str | None = None) -> "Source":
+    def from_hit(cls, n: int, hit: Hit, relevance: float) -> "Source":
         return cls(n=n, path=hit.path, title=hit.title, heading=hit.heading, page=hit.page, score=hit.score,
-                   text=hit.text if text is None else text, relevance=relevance, chunk_id=hit.chunk_id)
+                   text=hit.text, relevance=round(relevance, 4), chunk_id=hit.chunk_id)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,66 +61,95 @@ class Answer:
     model: str
     timings: dict = field(default_factory=dict)
     standalone_question: str = ""
+    evidence: list[Evidence] = field(default_factory=list)
+    answerability: float = 0.0
+    extractive: bool = False
+    notice: str = ""  # one line for the reader, e.g. why the answer is extractive
+    generated: str = ""  # the model's own answer when it was replaced by the evidence (not supported)
+    support: float | None = None  # share of the generated answer's own words found in the passages it cites
+
+    def quotes(self) -> list[Evidence]:
+        """The evidence as a reader sees it: neighbouring sentences of one source joined into one quote."""
+        return join_adjacent(self.evidence, {s.n: s.text for s in self.sources})
 
     def to_dict(self) -> dict:
         return {
             "answer": self.text,
             "refused": self.refused,
+            "extractive": self.extractive,
+            "answerability": round(self.answerability, 4),
+            "evidence": [e.to_dict() for e in self.evidence],
             "sources": [s.to_dict() for s in self.sources],
             "model": self.model,
             "timings": self.timings,
             "question": self.question,
+            "notice": self.notice,
+            "generated": self.generated,
+            "support": self.support,
         }
-
-
-# --- relevance ------------------------------------------------------------------------------------
-
-
-def question_terms(question: str) -> list[str]:
-    seen: dict[str, None] = {}
-    for term in lexical_terms(question, unigrams=False):  # the coverage thresholds were calibrated on bigrams
-        if term in STOP_WORDS or (len(term) == 1 and not is_unspaced(term)):
-            continue
-        seen.setdefault(term, None)
-    return list(seen)
-
-
-def relevance(store, question: str, query_vector: np.ndarray | None, hits: list[Hit]) -> list[dict]:
-    """Per hit: {"coverage", "dense", "score"}; `score` is in [0, 1] and compared with `min_score`."""
-    if not hits:
-        return []
-    ids = [h.chunk_id for h in hits]
-    terms = question_terms(question)
-    total, df, present = store.term_stats(terms, ids)
-    idf = {t: math.log(1 + (total - df[t] + 0.5) / (df[t] + 0.5)) for t in terms}
-    weight = sum(idf.values())
-    vectors = store.chunk_vectors(ids) if query_vector is not None else {}
-    unspaced = unspaced_ratio(question) >= 0.5
-    coverage_threshold = COVERAGE_RELEVANT_UNSPACED if unspaced else COVERAGE_RELEVANT
-    out = []
-    for hit in hits:
-        coverage = sum(idf[t] for t in terms if hit.chunk_id in present[t]) / weight if weight else 0.0
-        v = vectors.get(hit.chunk_id)
-        dense = float(np.dot(query_vector, v)) if v is not None and len(v) == len(query_vector) else 0.0
-        score = coverage / coverage_threshold
-        if not unspaced:  # the bundled embedder is English-only: its cosines for CJK text carry no signal
-            score = max(score, dense / DENSE_RELEVANT)
-        out.append({"coverage": round(coverage, 4), "dense": round(dense, 4), "score": min(score / 2, 1.0)})
-    return out
 
 
 def refusal_text(question: str) -> str:
     return REFUSAL_ZH if unspaced_ratio(question) >= 0.5 else REFUSAL_EN
 
 
-# Relevance scores are scaled so that 0.5 means "clears the calibrated threshold of one signal".
-DEFAULT_MIN_SCORE = 0.5
+# --- evidence in the answer -----------------------------------------------------------------------
+
+
+def evidence_block(evidence: list[Evidence]) -> str:
+    """The evidence as the prompt shows it, before the passages: one quoted line each, with its source number."""
+    return "\n".join(f"[{e.n}] \"{' '.join(e.text.split())}\"" for e in evidence)
+
+
+_MARKUP = re.compile(r"^\s*(?:[-*+•]\s+|#{1,6}\s+|>\s*)|\*\*|__|`")
+
+
+def extractive_text(evidence: list[Evidence]) -> str:
+    """An answer made of the best evidence sentence itself, cited: nothing in it the documents do not say."""
+    if not evidence:
+        return ""
+    best = evidence[0]
+    lines = [_MARKUP.sub("", line).strip() for line in best.text.splitlines()]
+    text = " ".join(line for line in lines if line)
+    if unspaced_ratio(text) >= 0.5:
+        text = re.sub(r"(?<=[\u3000-\u9fff\uff00-\uffef])\s+(?=[\u3000-\u9fff\uff00-\uffef])", "", text)
+    return f"{text} [{best.n}]"
+
+
+# A generated answer passes when at least this share of its own words (those not in the question) occur in
+# the passages it cites; docs/answers.md has the measurements behind it.
+SUPPORTED = 0.75
+UNSUPPORTED_NOTICE = ("The model's answer was not supported by the passages it cited; "
+                      "the answer is the evidence itself, quoted from your documents.")
+
+
+def support(body: str, question: str, sources: list[Source]) -> float:
+    """Share of the answer's own content words (stemmed words, CJK characters; the question's words aside)
+    found in the sources it cites, or in all of them when it cites none. 0 for an answer that says nothing
+    beyond the question ("the answer is [2]")."""
+    from kb.evidence import STOP_WORDS, tokenize
+
+    asked = set(tokenize(question).keys)
+    words = [k for k in tokenize(_CITATION_MARK.sub(" ", body)).keys
+             if k not in STOP_WORDS and k not in asked and not (len(k) == 1 and k.isascii())]
+    if not words:
+        return 0.0
+    cited = [s for s in sources if s.cited] or sources
+    known: set[str] = set()
+    for source in cited:
+        known.update(tokenize(f"{source.title}\n{source.heading}\n{source.text}").keys)
+    return sum(1 for k in words if k in known) / len(words)
+
+
+_CITATION_MARK = re.compile(r"\[\s*\d+(?:\s*[,;]\s*\d+)*\s*\]")
+_FRAMING = re.compile(r"^\s*(?:according to|based on)\b|^\s*根据", re.I)
 
 
 # --- context packing ------------------------------------------------------------------------------
 
 
 def format_passage(n: int, hit: Hit, text: str | None = None) -> str:
+    """A passage as the prompt shows it: its number, where it comes from, its text."""
     where = " — ".join(x for x in (hit.title, hit.heading, f"page {hit.page}" if hit.page else "") if x)
     return f"[{n}] {where}\n{hit.text if text is None else text}"
 
@@ -162,11 +168,12 @@ MIN_PASSAGE_TOKENS = 48
 MIN_CUT_TOKENS = 8
 
 
-def pack_passages(generator: Generator, hits: list[Hit], build: Callable[[str], list[dict]],
+def pack_passages(generator: Generator, hits: list[Hit], build: Callable[[str, int], list[dict]],
                   max_tokens: int, prefill: str = "") -> Packed:
     """Fit as many passages, best first, as the context window holds next to the prompt and the answer.
 
-    `build(passages_text)` returns the chat messages for a given passages block; `prefill` is the start of
+    `build(passages_text, kept)` returns the chat messages for a passages block of the first `kept` hits
+    (the evidence lines it shows must come from those); `prefill` is the start of
     the assistant's reply, written by kb (see prompts/answer_prefix.txt). The answer keeps at
     most a third of the room the fixed prompt leaves, so a tiny context still gets passages. The whole
     prompt is counted again at the end, since token counts of parts do not add up exactly.
@@ -174,7 +181,7 @@ def pack_passages(generator: Generator, hits: list[Hit], build: Callable[[str], 
     from kb.errors import BadQuestion
 
     n_ctx = generator.n_ctx
-    fixed = generator.count_tokens(generator.format_chat(build("")) + prefill)
+    fixed = generator.count_tokens(generator.format_chat(build("", len(hits))) + prefill)  # all evidence: an upper bound
     free = n_ctx - fixed
     if free < MIN_ANSWER_TOKENS + 1:
         raise BadQuestion(
@@ -208,7 +215,7 @@ def pack_passages(generator: Generator, hits: list[Hit], build: Callable[[str], 
         )
     while True:
         passages = "\n\n".join(format_passage(i + 1, h, t) for i, (h, t) in enumerate(zip(kept, texts)))
-        prompt = generator.format_chat(build(passages)) + prefill
+        prompt = generator.format_chat(build(passages, len(kept))) + prefill
         prompt_tokens = generator.count_tokens(prompt)
         if prompt_tokens + answer_room <= n_ctx:
             break
@@ -288,24 +295,35 @@ def tidy(text: str) -> str:
 class AnswerStream:
     """Iterate to receive the answer's text as it is generated; `.answer` is set once it is complete.
 
-    `sources` are known before the first token: the passages given to the model, or, for a refusal, the
-    closest passages found. Stopping early (Ctrl-C, `close()`) leaves `.answer` unset and logs nothing.
+    `sources` and `evidence` are known before the first token: the passages given to the model (or, for a
+    refusal, the closest passages found) and the sentences that best answer. An answer without a model
+    (a refusal, an extractive answer) arrives as one piece. Stopping early (Ctrl-C, `close()`) leaves
+    `.answer` unset and logs nothing.
     """
 
     def __init__(self, *, question: str, standalone: str, sources: list[Source], refused: bool, model: str,
                  timings: dict, pieces: Iterator[str] | None, on_done: Callable[[Answer], None] | None,
-                 refusal: str = "", prefill: str = ""):
+                 text: str = "", prefill: str = "", evidence: list[Evidence] | None = None,
+                 answerability: float = 0.0, extractive: bool = False, notice: str = "",
+                 fallback: str = ""):
         self.question = question
         self.standalone = standalone
         self.sources = sources
         self.refused = refused
         self.model = model
         self.timings = timings
+        self.evidence = evidence or []
+        self.answerability = answerability
+        self.extractive = extractive
+        self.notice = notice
         self.answer: Answer | None = None
         self._pieces = pieces
         self._on_done = on_done
-        self._refusal = refusal
+        self._text = text
         self._prefill = prefill
+        self._fallback = fallback  # the extractive answer that replaces a generated one the passages do not support
+        self._generated = ""
+        self._support: float | None = None
         self._started = time.perf_counter()
 
     def __iter__(self) -> Iterator[str]:
@@ -313,8 +331,13 @@ class AnswerStream:
             yield self.answer.text
             return
         if self._pieces is None:
-            yield self._refusal
-            self._finish(self._refusal)
+            citations = CitationFilter({s.n for s in self.sources})
+            text = citations.feed(self._text) + citations.flush()
+            if not self.refused:
+                for s in self.sources:
+                    s.cited = s.n in citations.cited
+            yield text
+            self._finish(text)
             return
         citations = CitationFilter({s.n for s in self.sources})
         parts: list[str] = []
@@ -348,7 +371,16 @@ class AnswerStream:
         for s in self.sources:
             s.cited = s.n in citations.cited
         self.timings["citations_removed"] = sorted(citations.removed)
-        self._finish(tidy("".join(parts)))
+        text = tidy("".join(parts))
+        if self._fallback:
+            self._support = round(support(_FRAMING.sub("", text), self.standalone, self.sources), 4)
+            if self._support < SUPPORTED:
+                self._generated, text, self.notice = text, self._fallback, UNSUPPORTED_NOTICE
+                cited = {int(n) for n in re.findall(r"\[(\d+)\]", text)}
+                for s in self.sources:
+                    s.cited = s.n in cited
+                yield f"\n\n({self.notice})\n{text}"
+        self._finish(text)
 
     def _t0(self) -> float:
         return self.timings.get("_t0", self._started)
@@ -357,7 +389,10 @@ class AnswerStream:
         self.timings["total_ms"] = round((time.perf_counter() - self._t0()) * 1000, 1)
         self.timings.pop("_t0", None)
         self.answer = Answer(question=self.question, text=text, sources=self.sources, refused=self.refused,
-                             model=self.model, timings=self.timings, standalone_question=self.standalone)
+                             model=self.model, timings=self.timings, standalone_question=self.standalone,
+                             evidence=self.evidence, answerability=self.answerability,
+                             extractive=self.extractive, notice=self.notice, generated=self._generated,
+                             support=self._support)
         if self._on_done:
             self._on_done(self.answer)
 
@@ -369,5 +404,5 @@ class AnswerStream:
         return self.answer
 
 
-__all__ = ["Answer", "AnswerStream", "Source", "CitationFilter", "pack_passages", "relevance",
-           "refusal_text", "question_terms", "DEFAULT_MIN_SCORE", "tidy"]
+__all__ = ["Answer", "AnswerStream", "Source", "CitationFilter", "pack_passages", "refusal_text", "tidy",
+           "evidence_block", "extractive_text", "support", "SUPPORTED"]

@@ -4,18 +4,37 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Sequence
 
-from kb.answer import Answer, AnswerStream, Source, pack_passages, refusal_text, relevance
+from kb.answer import (Answer, AnswerStream, Source, evidence_block, extractive_text, pack_passages,
+                       refusal_text)
 from kb.config import Settings, kb_home
 from kb.embedder import Embedder, SentenceTransformerEmbedder
 from kb.errors import BadQuestion, NotIngested
+from kb.evidence import Assessment, Evidence, Passage
 from kb.generator import Generator
 from kb.prompting import persona_text, render_template, template_text
 from kb.text import unspaced_ratio
 from kb.retriever import CrossEncoderReranker, Filters, Reranker, Retriever, SearchResult
-from kb.store import Store, write_lock
+from kb.store import Store, record_sources, write_lock
 from kb.types import Hit, IngestReport
+
+
+# A passage that holds none of the question's terms still goes to the model when it is this close in meaning.
+SIMILAR_PASSAGE = 0.35
+MAX_PASSAGES = 99
+
+
+def _renumber(usable: list[tuple[Passage, Hit]]) -> dict[int, int]:
+    """Retrieval rank numbers of the passages kept -> the numbers [1].. the reader and the model see."""
+    return {p.n: i + 1 for i, (p, _) in enumerate(usable)}
+
+
+def _renumbered(evidence: list[Evidence], numbers: dict[int, int]) -> list[Evidence]:
+    for e in evidence:
+        e.n = numbers[e.n]
+    return evidence
 
 
 class KnowledgeBase:
@@ -33,13 +52,21 @@ class KnowledgeBase:
         generator: Generator | None = None,
         reranker: Reranker | str | None = None,
         settings: Settings | None = None,
+        config_home: str | os.PathLike | None = None,
         **overrides,
     ):
+        """`path`: the home (default $KB_HOME or ~/.kb). `config_home`: where config.toml, prompts,
+        personas and adapters are read from, when not the home itself (kb eval indexes in a scratch home
+        but answers with the user's configuration). Keyword overrides are settings (see kb.config)."""
         self.home = kb_home(path)
-        self.settings = settings or Settings.load(self.home, embedding_model=embedding_model, **overrides)
+        self.config_home = Path(config_home).expanduser() if config_home else self.home
+        if isinstance(reranker, str):
+            overrides["reranker"] = reranker
+            reranker = None
+        self.settings = settings or Settings.load(self.config_home, embedding_model=embedding_model, **overrides)
         self._embedder = embedder
         self._generator = generator
-        self._reranker = CrossEncoderReranker(reranker) if isinstance(reranker, str) else reranker
+        self._reranker = reranker
         self._store: Store | None = None
 
     # --- parts, loaded lazily -------------------------------------------------------------------
@@ -73,10 +100,10 @@ class KnowledgeBase:
             if s.adapter:
                 from kb.adapters import resolve_adapter
 
-                lora = str(resolve_adapter(self.home, s.adapter, resolve_model(s.model or None)))
+                lora = str(resolve_adapter(self.config_home, s.adapter, resolve_model(s.model or None)))
             self._generator = LlamaGenerator(s.model or None, options=LlamaOptions(
                 n_ctx=s.ctx, n_threads=s.threads, n_gpu_layers=s.gpu_layers, seed=s.seed,
-                lora_path=lora, lora_scale=s.adapter_scale, verbose=bool(s.extra.get("verbose", False)),
+                lora_path=lora, lora_scale=s.adapter_scale, verbose=s.verbose,
             ))
         return self._generator
 
@@ -90,20 +117,18 @@ class KnowledgeBase:
         self.home.mkdir(parents=True, exist_ok=True)
         with write_lock(self.home, timeout=wait, on_wait=on_wait):
             store = self._open_store(create=True)
-            return run_ingest(
-                store,
-                self.embedder,
-                [str(p) for p in paths],
-                chunk_overlap=self.settings.chunk_overlap,
-                progress=progress,
-            )
+            report = run_ingest(store, self.embedder, [str(p) for p in paths],
+                                chunk_overlap=self.settings.chunk_overlap, progress=progress)
+            record_sources(self.home, [os.path.abspath(os.path.expanduser(str(p))) for p in paths
+                                       if os.path.exists(os.path.expanduser(str(p)))])
+            return report
 
-    def forget(self, path: str | os.PathLike, *, wait: float = 0.0) -> list[str]:
+    def forget(self, path: str | os.PathLike, *, wait: float = 0.0, on_wait=None) -> list[str]:
         """Remove the document at `path`, or every document under the folder `path`; returns their paths."""
         from ingest.discover import is_under
 
         target = os.path.abspath(os.path.expanduser(str(path)))
-        with write_lock(self.home, timeout=wait):
+        with write_lock(self.home, timeout=wait, on_wait=on_wait):
             store = self._open_store()
             paths = [d.path for d in store.documents_under(target) if is_under(d.path, target)]
             for p in paths:
@@ -114,11 +139,17 @@ class KnowledgeBase:
 
     # --- read side ------------------------------------------------------------------------------
 
+    @property
+    def reranker(self) -> Reranker | None:
+        if self._reranker is None and self.settings.reranker:
+            self._reranker = CrossEncoderReranker(self.settings.reranker)
+        return self._reranker
+
     def _retriever(self) -> Retriever:
         store = self._open_store()
         if not store.has_chunks():
             raise NotIngested(f"the knowledge base at {self.home} has no documents yet")
-        return Retriever(store, self.embedder, self._reranker)
+        return Retriever(store, self.embedder, self.reranker)
 
     def search(self, query: str, k: int | None = None, *, mode: str | None = None,
                filters: Filters | None = None) -> list[Hit]:
@@ -134,7 +165,7 @@ class KnowledgeBase:
     def ask(self, question: str, **options) -> Answer:
         """A cited answer to `question` from the ingested documents, or a refusal when they lack it.
 
-        Options (keyword): k, mode, filters, persona, max_tokens, temperature, seed, min_score, log.
+        Options (keyword): k, mode, filters, persona, max_tokens, temperature, seed, min_score, extractive, log.
         """
         return self.ask_stream(question, **options).result()
 
@@ -142,11 +173,45 @@ class KnowledgeBase:
         """Like `ask`, but iterate over the result to receive the answer token by token."""
         return self._answer(question, question, **options)
 
+    def _extractive_notice(self, question: str, extractive: bool | None) -> str | None:
+        """None to generate; otherwise why the answer is the evidence itself ("" when the user asked for it)."""
+        if extractive if extractive is not None else self.settings.extractive:
+            return ""
+        if self._generator is not None and not hasattr(self._generator, "path"):
+            return None  # a generator given by the caller: its languages are the caller's business
+        from kb.generator import model_languages, resolve_model
+        from kb.text import model_covers
+
+        path = resolve_model(self.settings.model or None)
+        if model_covers(model_languages(path, self.settings.model_languages), question):
+            return None
+        return (f"The chat model {path.name} does not write this question's language; "
+                "the answer is the evidence itself, quoted from your documents.")
+
+    def assess(self, question: str, result: SearchResult) -> tuple[Assessment, list[Passage]]:
+        """Evidence and answerability of the retrieved passages for `question` (see kb.evidence)."""
+        from kb.evidence import Passage, assess, prepare_question
+
+        store = self._open_store()
+        vector = result.query_vector
+        retriever = self._retriever()
+        trusted = retriever.dense_covers(question)
+        if vector is None and trusted and result.hits:
+            vector = self.embedder.embed_query(question)
+        vectors = store.chunk_vectors([h.chunk_id for h in result.hits]) if vector is not None and trusted else {}
+        passages = [
+            Passage(n=i + 1, text=h.text, title=h.title, heading=h.heading, rank=i, chunk_id=h.chunk_id,
+                    similarity=float(vector @ vectors[h.chunk_id]) if h.chunk_id in vectors
+                    and len(vectors[h.chunk_id]) == len(vector) else None)
+            for i, h in enumerate(result.hits)
+        ]
+        return assess(prepare_question(question, store.doc_freqs), passages), passages
+
     def _answer(self, question: str, standalone: str, *, k: int | None = None, mode: str | None = None,
                 filters: Filters | None = None, persona: str | None = None, max_tokens: int | None = None,
                 temperature: float | None = None, seed: int | None = None, min_score: float | None = None,
-                log: bool = True, history: list[dict] | None = None, summary: str = "",
-                conversation_id: int | None = None, on_done=None) -> AnswerStream:
+                extractive: bool | None = None, log: bool = True, history: list[dict] | None = None,
+                summary: str = "", conversation_id: int | None = None, on_done=None) -> AnswerStream:
         from kb import history as history_log
 
         if not question or not question.strip():
@@ -154,14 +219,17 @@ class KnowledgeBase:
         s = self.settings
         t0 = time.perf_counter()
         timings: dict = {"_t0": t0}
-        generator = self.generator  # a bad --model fails here, before any work; loading waits until needed
+        notice = self._extractive_notice(standalone, extractive)
+        # a bad --model fails here, before any work; loading waits until needed
+        generator = self.generator if notice is None else None
         result = self.search_result(standalone, k, mode=mode, filters=filters)
         hits = result.hits
         store = self._open_store()
-        signals = relevance(store, standalone, result.query_vector, hits)
         timings["retrieve_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+        t = time.perf_counter()
+        assessment, passages = self.assess(standalone, result)
+        timings["evidence_ms"] = round((time.perf_counter() - t) * 1000, 1)
         threshold = s.min_score if min_score is None else min_score
-        relevant = [h for h, sig in zip(hits, signals) if sig["score"] >= threshold]
 
         def done(answer: Answer) -> None:
             if log:
@@ -169,42 +237,79 @@ class KnowledgeBase:
             if on_done:
                 on_done(answer)
 
-        if not relevant:
-            closest = [Source.from_hit(i + 1, h, sig["score"]) for i, (h, sig) in enumerate(zip(hits, signals))]
-            return AnswerStream(question=question, standalone=standalone, sources=closest, refused=True,
-                                model="", timings=timings, pieces=None, on_done=done,
-                                refusal=refusal_text(question))
+        common = dict(question=question, standalone=standalone, timings=timings, on_done=done,
+                      answerability=assessment.answerability)
+        if assessment.answerability < threshold or not hits:
+            closest = [Source.from_hit(p.n, h, assessment.passage_coverage[p.n]) for p, h in zip(passages, hits)]
+            return AnswerStream(sources=closest, refused=True, model="", pieces=None, text=refusal_text(question),
+                                evidence=assessment.evidence(3), **common)
+        # The model sees only passages that hold some of the question's terms or are close in meaning.
+        usable = [(p, h) for p, h in zip(passages, hits)
+                  if assessment.passage_coverage[p.n] > 0 or (p.similarity or 0.0) >= SIMILAR_PASSAGE][:MAX_PASSAGES]
+        if notice is not None:
+            numbered = _renumber(usable)
+            sources = [Source.from_hit(numbered[p.n], h, assessment.passage_coverage[p.n]) for p, h in usable]
+            evidence = _renumbered(assessment.evidence(3, among=set(numbered)), numbered)
+            return AnswerStream(sources=sources, refused=False, model="", pieces=None,
+                                text=extractive_text(evidence),
+                                evidence=evidence, extractive=True,
+                                notice=notice, **common)
         t = time.perf_counter()
         n_ctx = generator.n_ctx  # loads the model
         timings["load_ms"] = round((time.perf_counter() - t) * 1000, 1)
-        system = render_template("chat_system", self.home,
-                                 persona=persona_text(persona if persona is not None else s.persona, self.home))
+        system = render_template("chat_system", self.config_home,
+                                 persona=persona_text(persona if persona is not None else s.persona, self.config_home))
         if summary:
             system += "\n\nSummary of the conversation so far: " + summary
+        numbered = _renumber(usable)
+        ranked = _renumbered(assessment.evidence(3, among=set(numbered)), numbered)
 
-        def build(passages: str) -> list[dict]:
-            user = render_template("answer", self.home, passages=passages, question=standalone)
-            return [{"role": "system", "content": system}, *(history or []), {"role": "user", "content": user}]
+        def builder(evidence_lines: int):
+            def build(passages_text: str, kept: int) -> list[dict]:
+                shown = [e for e in ranked if e.n <= kept][:evidence_lines]
+                user = render_template("answer", self.config_home, passages=passages_text, question=standalone,
+                                       evidence=evidence_block(shown) or "(none)")
+                return [{"role": "system", "content": system}, *(history or []), {"role": "user", "content": user}]
+            return build
 
         # The reply is started for the model ("According to [") so that even a small model cites a passage.
-        prefill = template_text("answer_prefix_zh" if unspaced_ratio(question) >= 0.5 else "answer_prefix", self.home)
-        prefill = prefill.rstrip("\n")
+        prefill = render_template("answer_prefix_zh" if unspaced_ratio(question) >= 0.5 else "answer_prefix", self.config_home,
+                                  first=ranked[0].n if ranked else 1).rstrip("\n")
         t = time.perf_counter()
-        packed = pack_passages(generator, relevant, build, max_tokens or s.max_tokens, prefill)
+        for evidence_lines in (len(ranked), 1, 0):  # a tiny context window gets fewer evidence lines first
+            try:
+                packed = pack_passages(generator, [h for _, h in usable], builder(evidence_lines),
+                                       max_tokens or s.max_tokens, prefill)
+                break
+            except BadQuestion:
+                if evidence_lines == 0:
+                    raise
+        ranked = ranked[:evidence_lines]
         timings["pack_ms"] = round((time.perf_counter() - t) * 1000, 1)
         timings.update(prompt_tokens=packed.prompt_tokens, n_ctx=n_ctx, passages=len(packed.hits),
-                       passages_dropped=len(relevant) - len(packed.hits))
-        score = {h.chunk_id: sig["score"] for h, sig in zip(hits, signals)}
-        sources = [Source.from_hit(i + 1, h, score[h.chunk_id], text)
-                   for i, (h, text) in enumerate(zip(packed.hits, packed.texts))]
+                       passages_dropped=len(usable) - len(packed.hits))
+        sources = [Source.from_hit(i + 1, h, assessment.passage_coverage[p.n])
+                   for i, (p, h) in enumerate(usable[:len(packed.hits)])]
         pieces = generator.stream(
             packed.prompt, max_tokens=packed.max_tokens,
             temperature=s.temperature if temperature is None else temperature,
             seed=s.seed if seed is None else seed,
         )
-        return AnswerStream(question=question, standalone=standalone, sources=sources, refused=False,
-                            model=generator.model_id, timings=timings, pieces=pieces, on_done=done,
-                            prefill=prefill)
+        shown = [e for e in ranked if e.n <= len(packed.hits)]
+        fallback = extractive_text(shown) if s.check_support else ""
+        return AnswerStream(sources=sources, refused=False, model=generator.model_id, pieces=pieces, prefill=prefill,
+                            evidence=shown, fallback=fallback, **common)
+
+    def build_dataset(self, out: str | os.PathLike, *, kind: str = "both", progress=None, limit: int | None = None) -> dict:
+        """Training examples from the ingested corpus (see kb.dataset); the chat model writes the QA pairs."""
+        from kb.dataset import build_dataset
+
+        store = self._open_store()
+        if not store.has_chunks():
+            raise NotIngested(f"the knowledge base at {self.home} has no documents yet")
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        return build_dataset(store, str(out), kind=kind, teacher=self.generator if kind != "continuation" else None,
+                             progress=progress, limit=limit)
 
     def chat(self, *, persona: str | None = None, resume: bool = False) -> "Chat":
         """A multi-turn conversation; `resume=True` continues the most recent one."""

@@ -27,7 +27,7 @@ class Chat:
         conversation = log.last_conversation(store) if resume else None
         if conversation is None:
             name = persona if persona is not None else kb.settings.persona
-            persona_text(name, kb.home)  # fail now on an unknown persona, not at the first question
+            persona_text(name, kb.config_home)  # fail now on an unknown persona, not at the first question
             conversation = log.new_conversation(store, name or "default")
         elif persona is not None:
             self.set_persona(persona, conversation=conversation)
@@ -48,7 +48,7 @@ class Chat:
         return self.last.sources if self.last else []
 
     def set_persona(self, name: str, *, conversation=None) -> None:
-        persona_text(name, self.kb.home)
+        persona_text(name, self.kb.config_home)
         log.set_persona(self.kb._open_store(), conversation or self.conversation, name)
 
     def reset(self) -> None:
@@ -69,7 +69,7 @@ class Chat:
         if not messages:
             return question
         history = self._fit(transcript(messages[-4:]), 0.4)
-        prompt = render_template("condense", self.kb.home, history=history, question=question)
+        prompt = render_template("condense", self.kb.config_home, history=history, question=question)
         rewritten = self._complete(prompt, CONDENSE_TOKENS)
         rewritten = rewritten.splitlines()[0].strip() if rewritten else ""
         # A small model sometimes answers instead of rewriting, or returns nothing: keep the user's own
@@ -88,7 +88,7 @@ class Chat:
         older = messages[: len(messages) - 2 * KEEP_TURNS]
         history = (f"Earlier summary: {self.conversation.summary}\n" if self.conversation.summary else "")
         history = self._fit(history + transcript(older), 0.5)
-        prompt = render_template("summarize", self.kb.home, history=history)
+        prompt = render_template("summarize", self.kb.config_home, history=history)
         summary = self._complete(prompt, SUMMARY_TOKENS)
         log.fold_into_summary(self.kb._open_store(), self.conversation, summary or self.conversation.summary,
                               keep_last=2 * KEEP_TURNS)

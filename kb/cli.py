@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import os
 import sys
 import time
+from pathlib import Path
 
 import click
 
 from kb.errors import KBError
+from kb.options import ANSWER, MODEL, RETRIEVAL, filter_options, settings_options
 
 HOME_OPTION = click.option(
     "--kb", "home", envvar="KB_HOME", type=click.Path(file_okay=False),
     help="Knowledge base folder (default ~/.kb; env KB_HOME).",
 )
+DEBUG_ENV = "KB_DEBUG"
 
 
 def _fail(message: str, hint: str = "") -> None:
@@ -24,32 +29,68 @@ def _fail(message: str, hint: str = "") -> None:
     sys.exit(1)
 
 
+def describe_error(error: BaseException) -> tuple[str, str]:
+    """(one-line message, hint) for any exception, naming the file involved where there is one."""
+    import sqlite3
+
+    if isinstance(error, KBError):
+        return str(error), error.hint
+    if isinstance(error, sqlite3.DatabaseError):
+        return (f"the knowledge base database is damaged or unreadable ({error})",
+                "run `kb doctor` to check the home and repair or rebuild it")
+    if isinstance(error, MemoryError):
+        return "kb ran out of memory", "close other programs, or ingest fewer or smaller files at once"
+    if isinstance(error, OSError):
+        where = f": {error.filename}" if getattr(error, "filename", None) else ""
+        return f"{error.strerror or error}{where}", "check that the path exists and kb may read and write it"
+    if isinstance(error, UnicodeError):
+        return f"text in an encoding kb could not read ({error})", "save the file as UTF-8 and try again"
+    return (f"unexpected {type(error).__name__}: {error}",
+            f"rerun with {DEBUG_ENV}=1 to see where it failed, and report it")
+
+
 def translate_errors(fn):
-    """Turn kb's typed errors, and Ctrl-C, into a one-line message instead of a traceback."""
+    """Turn every error, and Ctrl-C, into a one-line message on stderr instead of a traceback
+    (KB_DEBUG=1 shows the traceback of unexpected ones)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except KBError as e:
-            _fail(str(e), e.hint)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
         except KeyboardInterrupt:
             click.echo("\nInterrupted.", err=True)
             sys.exit(130)
+        except Exception as e:
+            if os.environ.get(DEBUG_ENV) and not isinstance(e, KBError):
+                raise
+            _fail(*describe_error(e))
 
     return wrapper
 
 
-def _open(home, **options):
+def _open(home, settings: dict | None = None, **options):
     from kb.api import KnowledgeBase
 
-    return KnowledgeBase(home, **options)
+    return KnowledgeBase(home, **{**(settings or {}), **options})
+
+
+class _WarningLine(logging.Handler):
+    """kb's library warnings as one line each on stderr."""
+
+    def emit(self, record):
+        click.secho(f"Warning: {record.getMessage()}", fg="yellow", err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kb-assistant")
 def cli():
     """kb: ask questions of your own documents, privately, on your own machine."""
+    logger = logging.getLogger("kb")
+    if not any(isinstance(h, _WarningLine) for h in logger.handlers):
+        logger.addHandler(_WarningLine(logging.WARNING))
+        logger.propagate = False
 
 
 # --- ingest ------------------------------------------------------------------------------------
@@ -92,22 +133,33 @@ class ProgressPrinter:
 
 
 def print_report(report) -> None:
+    """The summary on stdout; failures and notes, like all diagnostics, on stderr."""
     click.echo(
         f"added {len(report.added)}, updated {len(report.updated)}, unchanged {len(report.unchanged)}, "
-        f"removed {len(report.removed)}, failed {len(report.failed)}, skipped {len(report.skipped)} "
-        f"(unsupported type); {report.chunks} chunks in {report.seconds:.1f} s",
+        f"removed {len(report.removed)}, failed {len(report.failed)}, skipped {len(report.skipped)}; "
+        f"{report.chunks} chunks in {report.seconds:.1f} s",
     )
     for failure in report.failed:
-        click.echo(f"  failed: {failure.path}: {failure.reason}")
+        click.echo(f"  failed: {failure.path}: {failure.reason}", err=True)
+    for path, reason in report.skipped_reasons.items():
+        click.echo(f"  skipped: {path}: {reason}", err=True)
     for warning in report.warnings:
         click.echo(f"  note: {warning}", err=True)
+
+
+WAIT_OPTION = click.option("--wait", type=float, default=0.0, show_default=True,
+                           help="Seconds to wait if another process is writing to the knowledge base.")
+
+
+def waiting(pid) -> None:
+    click.echo(f"Waiting for another kb process (pid {pid}) to finish writing...", err=True)
 
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @HOME_OPTION
-@click.option("--embedding-model", envvar="KB_EMBEDDING_MODEL", help="Local sentence-transformers model folder (default: bundled all-MiniLM-L6-v2).")
-@click.option("--wait", type=float, default=0.0, show_default=True, help="Seconds to wait if another ingest holds the lock.")
+@click.option("--embedding-model", help="Local sentence-transformers model folder (default: bundled all-MiniLM-L6-v2).")
+@WAIT_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @translate_errors
@@ -118,10 +170,7 @@ def ingest(paths, home, embedding_model, wait, as_json, quiet):
     Exits non-zero only when nothing could be ingested.
     """
     kb = _open(home, embedding_model=embedding_model)
-    report = kb.ingest(
-        list(paths), progress=ProgressPrinter(quiet or as_json), wait=wait,
-        on_wait=lambda pid: click.echo(f"Waiting for another kb ingest (pid {pid}) to finish...", err=True),
-    )
+    report = kb.ingest(list(paths), progress=ProgressPrinter(quiet or as_json), wait=wait, on_wait=waiting)
     if as_json:
         click.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
     else:
@@ -133,34 +182,17 @@ def ingest(paths, home, embedding_model, wait, as_json, quiet):
 @cli.command()
 @click.argument("path", type=click.Path())
 @HOME_OPTION
+@WAIT_OPTION
 @translate_errors
-def forget(path, home):
+def forget(path, home, wait):
     """Remove a document (or every document under a folder) from the index."""
-    removed = _open(home).forget(path)
+    removed = _open(home).forget(path, wait=wait, on_wait=waiting)
     if not removed:
         _fail(f"no ingested document at {path}", "`kb status` shows what is indexed")
     click.echo(f"removed {len(removed)} document(s)")
 
 
 # --- search ------------------------------------------------------------------------------------
-
-
-def filter_options(fn):
-    for option in reversed([
-        click.option("--path", "path_glob", help="Only documents whose path matches this glob."),
-        click.option("--tag", "tags", multiple=True, help="Only documents with this front-matter tag (repeatable)."),
-        click.option("--since", "date_from", help="Only documents dated on or after this date (YYYY-MM-DD)."),
-        click.option("--until", "date_to", help="Only documents dated on or before this date (YYYY-MM-DD)."),
-        click.option("--type", "file_types", multiple=True, help="Only these file types: md, txt, rst, html, pdf, docx (repeatable)."),
-    ]):
-        fn = option(fn)
-    return fn
-
-
-def make_filters(path_glob, tags, date_from, date_to, file_types):
-    from kb.retriever import Filters
-
-    return Filters(path=path_glob, tags=tags, date_from=date_from, date_to=date_to, file_types=file_types)
 
 
 def hit_location(hit) -> str:
@@ -173,16 +205,13 @@ def hit_location(hit) -> str:
 @cli.command()
 @click.argument("query")
 @HOME_OPTION
-@click.option("-k", "k", type=int, default=None, help="Number of passages (default 5).")
-@click.option("--mode", type=click.Choice(["dense", "lexical", "hybrid"]), envvar="KB_SEARCH_MODE", help="Retrieval mode (default hybrid).")
-@click.option("--reranker", type=click.Path(exists=True, file_okay=False), help="Local CrossEncoder model folder to rerank with.")
+@settings_options(RETRIEVAL)
 @filter_options
 @click.option("--json", "as_json", is_flag=True, help="Print hits as JSON.")
 @translate_errors
-def search(query, home, k, mode, reranker, path_glob, tags, date_from, date_to, file_types, as_json):
+def search(query, home, settings, filters, as_json):
     """Find the passages that best match QUERY."""
-    kb = _open(home, reranker=reranker)
-    hits = kb.search(query, k, mode=mode, filters=make_filters(path_glob, tags, date_from, date_to, file_types))
+    hits = _open(home, settings).search(query, filters=filters)
     if as_json:
         click.echo(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=2))
         return
@@ -199,43 +228,6 @@ def search(query, home, k, mode, reranker, path_glob, tags, date_from, date_to, 
 # --- ask and chat --------------------------------------------------------------------------------
 
 
-def model_options(fn):
-    """Options of the chat model; each also reads config.toml and KB_<NAME> (see README)."""
-    for option in reversed([
-        click.option("--model", "model", help="A GGUF model file (default: the bundled SmolLM2-135M-Instruct)."),
-        click.option("--ctx", type=int, help="Context window in tokens (default 2048)."),
-        click.option("--threads", type=int, help="CPU threads (default: all cores)."),
-        click.option("--gpu-layers", type=int, help="Layers to offload to the GPU (needs a GPU build of llama-cpp-python)."),
-        click.option("--temperature", type=float, help="Sampling temperature (default 0.2)."),
-        click.option("--max-tokens", type=int, help="Longest answer in tokens (default 256)."),
-        click.option("--seed", type=int, help="Sampling seed (default 0)."),
-        click.option("--persona", help="System-prompt preset; `kb personas` lists them."),
-        click.option("--adapter", help="A LoRA adapter from `kb adapters` (or a .gguf adapter path)."),
-        click.option("--adapter-scale", type=float, help="Strength of the adapter (default 1.0)."),
-        click.option("--verbose", is_flag=True, help="Show llama.cpp's own log (e.g. layers offloaded to the GPU)."),
-    ]):
-        fn = option(fn)
-    return fn
-
-
-def retrieval_options(fn):
-    for option in reversed([
-        click.option("-k", "k", type=int, default=None, help="Passages to retrieve (default 5)."),
-        click.option("--mode", type=click.Choice(["dense", "lexical", "hybrid"]), help="Retrieval mode (default hybrid)."),
-        click.option("--min-score", type=float, help="Relevance below which kb refuses to answer (default 0.5; 0 never refuses)."),
-        click.option("--reranker", type=click.Path(exists=True, file_okay=False), help="Local CrossEncoder model folder to rerank with."),
-    ]):
-        fn = option(fn)
-    return filter_options(fn)
-
-
-def open_for_answers(home, model, ctx, threads, gpu_layers, temperature, max_tokens, seed, persona, verbose,
-                     min_score, reranker, adapter=None, adapter_scale=None):
-    return _open(home, model=model, ctx=ctx, threads=threads, gpu_layers=gpu_layers, temperature=temperature,
-                 max_tokens=max_tokens, seed=seed, persona=persona, min_score=min_score, reranker=reranker,
-                 adapter=adapter, adapter_scale=adapter_scale, verbose=verbose or None)
-
-
 def source_line(source, *, closest: bool = False) -> str:
     where = hit_location(source)
     label = f"[{source.n}] {source.title or source.path}" + (f" — {where}" if where else "")
@@ -243,21 +235,53 @@ def source_line(source, *, closest: bool = False) -> str:
     return f"{label}{mark}\n    {source.path}"
 
 
+def highlighted(text: str, matches) -> str:
+    """`text` with the question's words in bold yellow (click drops the styling when not on a terminal)."""
+    out, last = [], 0
+    for a, b in matches:
+        out.append(text[last:a])
+        out.append(click.style(text[a:b], fg="yellow", bold=True))
+        last = b
+    out.append(text[last:])
+    return " ".join("".join(out).split())
+
+
+def print_evidence(answer, *, heading: str) -> None:
+    quotes = answer.quotes()
+    if not quotes:
+        return
+    click.secho(f"\n{heading}", bold=True)
+    by_n = {s.n: s for s in answer.sources}
+    for quote in quotes:
+        source = by_n.get(quote.n)
+        click.echo(f"  [{quote.n}] “{highlighted(quote.text, quote.matches)}”")
+        if source is not None:
+            where = hit_location(source)
+            click.secho(f"      {source.path}" + (f" — {where}" if where else ""), fg="cyan")
+
+
 def print_answer_stream(stream, *, live: bool) -> None:
-    """Print an answer as it is generated (live) or at the end, then its sources, to stdout."""
+    """Print an answer as it is generated (live) or at the end, then its evidence and sources, to stdout."""
+    if stream.notice:
+        click.secho(stream.notice, fg="yellow", err=True)
     if live:
         for piece in stream:
             click.echo(piece, nl=False)
         click.echo()
     else:
-        click.echo(stream.result().text)
+        answer = stream.result()
+        if answer.generated:
+            click.secho(answer.notice, fg="yellow", err=True)
+        click.echo(answer.text)
     answer = stream.answer
     if answer.refused:
+        print_evidence(answer, heading="Closest evidence found (not enough to answer from):")
         if answer.sources:
-            click.secho("\nClosest passages found (not relevant enough to answer from):", bold=True)
+            click.secho("\nClosest passages found:", bold=True)
             for source in answer.sources[:3]:
                 click.echo(source_line(source, closest=True))
         return
+    print_evidence(answer, heading="Evidence:")
     click.secho("\nSources:", bold=True)
     for source in answer.sources:
         click.echo(source_line(source))
@@ -266,18 +290,15 @@ def print_answer_stream(stream, *, live: bool) -> None:
 @cli.command()
 @click.argument("question")
 @HOME_OPTION
-@model_options
-@retrieval_options
+@settings_options(MODEL, ANSWER, RETRIEVAL)
+@filter_options
 @click.option("--no-stream", is_flag=True, help="Print the answer only when it is complete.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object {answer, refused, sources, model, timings}.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object {answer, refused, extractive, evidence, sources, model, timings}.")
 @translate_errors
-def ask(question, home, model, ctx, threads, gpu_layers, temperature, max_tokens, seed, persona, adapter,
-        adapter_scale, verbose, k, mode, min_score, reranker, path_glob, tags, date_from, date_to, file_types, no_stream, as_json):
+def ask(question, home, settings, filters, no_stream, as_json):
     """Answer QUESTION from your documents, citing the passages used; refuse when they lack the answer."""
-    kb = open_for_answers(home, model, ctx, threads, gpu_layers, temperature, max_tokens, seed, persona, verbose,
-                          min_score, reranker, adapter, adapter_scale)
-    stream = kb.ask_stream(question, k=k, mode=mode,
-                           filters=make_filters(path_glob, tags, date_from, date_to, file_types))
+    stream = _open(home, settings).ask_stream(question, filters=filters)
     if as_json:
         click.echo(json.dumps(stream.result().to_dict(), ensure_ascii=False, indent=2))
         return
@@ -287,19 +308,20 @@ def ask(question, home, model, ctx, threads, gpu_layers, temperature, max_tokens
 CHAT_HELP = "Commands: /sources, /reset, /persona NAME, /exit (or Ctrl-D)."
 
 
+def _chat_error(e: KBError) -> None:
+    click.echo(f"Error: {e}" + (f"\nHint: {e.hint}" if e.hint else ""), err=True)
+
+
 @cli.command()
 @HOME_OPTION
-@model_options
-@retrieval_options
+@settings_options(MODEL, ANSWER, RETRIEVAL)
+@filter_options
 @click.option("--continue", "resume", is_flag=True, help="Resume the most recent conversation.")
 @translate_errors
-def chat(home, model, ctx, threads, gpu_layers, temperature, max_tokens, seed, persona, adapter, adapter_scale,
-         verbose, k, mode, min_score, reranker, path_glob, tags, date_from, date_to, file_types, resume):
+def chat(home, settings, filters, resume):
     """A conversation with your documents; follow-up questions understand what came before."""
-    kb = open_for_answers(home, model, ctx, threads, gpu_layers, temperature, max_tokens, seed, None, verbose,
-                          min_score, reranker, adapter, adapter_scale)
-    conversation = kb.chat(persona=persona, resume=resume)
-    filters = make_filters(path_glob, tags, date_from, date_to, file_types)
+    persona = settings.pop("persona", None)
+    conversation = _open(home, settings).chat(persona=persona, resume=resume)
     click.echo(f"kb chat (conversation {conversation.id}, persona {conversation.persona}). {CHAT_HELP}", err=True)
     live = sys.stdout.isatty()
     while True:
@@ -326,12 +348,14 @@ def chat(home, model, ctx, threads, gpu_layers, temperature, max_tokens, seed, p
                     conversation.set_persona(arg.strip())
                     click.echo(f"Persona: {conversation.persona}.", err=True)
                 except KBError as e:
-                    click.echo(f"Error: {e}" + (f"\nHint: {e.hint}" if e.hint else ""), err=True)
+                    _chat_error(e)
             else:
                 click.echo(CHAT_HELP, err=True)
             continue
         try:
-            stream = conversation.stream(line, k=k, mode=mode, filters=filters)
+            stream = conversation.stream(line, filters=filters)
+            if stream.notice:
+                click.secho(stream.notice, fg="yellow", err=True)
             if live:
                 click.echo("kb> ", nl=False)
             for piece in stream if live else [stream.result().text]:
@@ -340,7 +364,7 @@ def chat(home, model, ctx, threads, gpu_layers, temperature, max_tokens, seed, p
         except KeyboardInterrupt:
             click.echo("\n(stopped; this answer was not kept)", err=True)
         except KBError as e:
-            click.echo(f"Error: {e}" + (f"\nHint: {e.hint}" if e.hint else ""), err=True)
+            _chat_error(e)
 
 
 @cli.command(name="log")
@@ -383,6 +407,26 @@ def personas(home):
     click.echo(f"\nAdd your own as {home_dir / 'personas' / 'NAME.txt'}.", err=True)
 
 
+@cli.command(name="config")
+@HOME_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@translate_errors
+def config_command(home, as_json):
+    """Show the effective settings and where each comes from (default, config.toml, KB_* variable)."""
+    from kb.config import CONFIG_NAME, SETTINGS_HELP, Settings, kb_home
+
+    home_dir = kb_home(home)
+    settings = Settings.load(home_dir)
+    rows = [{"name": name, "value": getattr(settings, name), "from": settings.origins[name],
+             "help": SETTINGS_HELP[name][0]} for name in Settings.names()]
+    if as_json:
+        click.echo(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    click.echo(f"Settings for {home_dir} (set them in {home_dir / CONFIG_NAME}, as KB_<NAME>, or by flag):")
+    for row in rows:
+        click.echo(f"  {row['name']:16} = {json.dumps(row['value'], ensure_ascii=False):24} ({row['from']})")
+
+
 # --- eval ----------------------------------------------------------------------------------------
 
 
@@ -391,27 +435,31 @@ def eval_group():
     """Measure retrieval and answers on a question set (SQuAD JSON, or a BEIR folder for retrieval)."""
 
 
-EVAL_HOME = click.option("--keep", "keep", type=click.Path(file_okay=False),
+EVAL_KEEP = click.option("--keep", "keep", type=click.Path(file_okay=False),
                          help="Index the passages in this folder and keep it (reruns only re-ingest changes); default: a temporary folder.")
+EVAL_HOME = click.option("--kb", "home", envvar="KB_HOME", type=click.Path(file_okay=False),
+                         help="Knowledge base folder whose config.toml, prompts, personas and adapters apply (default ~/.kb).")
 
 
 @eval_group.command(name="retrieval")
 @click.argument("file", type=click.Path(exists=True))
+@EVAL_HOME
 @click.option("--mode", type=click.Choice(["dense", "lexical", "hybrid", "all"]), default="hybrid", show_default=True)
 @click.option("--limit", type=int, help="Only the first N questions.")
-@EVAL_HOME
+@EVAL_KEEP
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (a list with --mode all).")
 @translate_errors
-def eval_retrieval_command(file, mode, limit, keep, as_json):
+def eval_retrieval_command(file, home, mode, limit, keep, as_json):
     """Recall@1/5/10, MRR@10, nDCG@10 and query latency, with each passage indexed as a document."""
     import tempfile
 
+    from kb.config import kb_home
     from kb.evaluate import eval_retrieval
 
     modes = ("dense", "lexical", "hybrid") if mode == "all" else (mode,)
     with tempfile.TemporaryDirectory(prefix="kb-eval-") as tmp:
         results = eval_retrieval(file, modes=modes, limit=limit, home=keep or tmp,
-                                 progress=ProgressPrinter(quiet=as_json))
+                                 progress=ProgressPrinter(quiet=as_json), config_home=kb_home(home))
     if as_json:
         click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2))
         return
@@ -422,22 +470,30 @@ def eval_retrieval_command(file, mode, limit, keep, as_json):
                    f"{r['ndcg@10']:8.3f} {r['latency_ms_p50']:7.1f} {r['latency_ms_p95']:7.1f}")
 
 
+ANSWER_COLUMNS = [("exact_match", "EM"), ("f1", "F1"), ("answer_contains_gold", "ans⊇gold"),
+                  ("generated_contains_gold", "gen⊇gold"), ("replaced_by_evidence", "replaced"),
+                  ("evidence_top1", "ev@1"), ("evidence_top3", "ev@3"), ("citation_accuracy", "cite"),
+                  ("refused_answerable", "refused(ans)"), ("refused_unanswerable", "refused(unans)")]
+
+
 @eval_group.command(name="answers")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--limit", type=int, help="Only the first N answerable questions (and N/5 unanswerable ones).")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @EVAL_HOME
-@model_options
-@click.option("-k", "k", type=int, default=None, help="Passages to retrieve (default 5).")
-@click.option("--min-score", type=float, help="Refusal threshold (default 0.5).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--limit", type=int, help="Only the first N answerable and N unanswerable questions of each file.")
+@EVAL_KEEP
+@settings_options(MODEL, ANSWER, RETRIEVAL)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file (a list for several).")
 @translate_errors
-def eval_answers_command(file, limit, keep, model, ctx, threads, gpu_layers, temperature, max_tokens, seed,
-                         persona, adapter, adapter_scale, verbose, k, min_score, as_json):
-    """Exact match, F1, citation accuracy, and the refusal rate on questions whose passage is not indexed."""
+def eval_answers_command(files, home, limit, keep, settings, as_json):
+    """What users see, per file and language: exact match and F1 of the answer without kb's framing,
+    answer-contains-gold, evidence-contains-gold (top 1, top 3), citation accuracy, answerable questions
+    refused, and unanswerable questions (their passage held out, the related ones kept) refused."""
     import tempfile
 
+    from kb.config import kb_home
     from kb.evaluate import eval_answers
 
+    home_dir = kb_home(home)
     done = [0]
 
     def tick(question, answer, em, f1):
@@ -445,19 +501,22 @@ def eval_answers_command(file, limit, keep, model, ctx, threads, gpu_layers, tem
         if not as_json and sys.stderr.isatty():
             click.echo(f"\r{done[0]} questions", nl=False, err=True)
 
-    options = dict(model=model, ctx=ctx, threads=threads, gpu_layers=gpu_layers, temperature=temperature,
-                   max_tokens=max_tokens, seed=seed, persona=persona, min_score=min_score, verbose=verbose or None,
-                   adapter=adapter, adapter_scale=adapter_scale)
-    with tempfile.TemporaryDirectory(prefix="kb-eval-") as tmp:
-        result = eval_answers(file, limit=limit, home=keep or tmp, progress=ProgressPrinter(quiet=as_json),
-                              on_question=tick, ask_options={"k": k} if k else None,
-                              **{k_: v for k_, v in options.items() if v is not None})
+    results = []
+    for file in files:
+        with tempfile.TemporaryDirectory(prefix="kb-eval-") as tmp:
+            where = Path(keep) / Path(file).stem if keep and len(files) > 1 else keep or tmp
+            results.append(eval_answers(file, limit=limit, home=where, progress=ProgressPrinter(quiet=as_json),
+                                        on_question=tick, config_home=home_dir, **settings))
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(results[0] if len(results) == 1 else results, ensure_ascii=False, indent=2))
         return
-    click.echo(f"\n{file}: {result['questions']} answerable questions, {result['unanswerable_questions']} unanswerable")
-    for key in ("exact_match", "f1", "citation_accuracy", "refused_answerable", "refusal_rate"):
-        click.echo(f"  {key:20} {result[key]:.3f}")
+    click.echo("")
+    click.echo(f"{'file':24} {'lang':4} {'n':>5} " + " ".join(f"{label:>14}" for _, label in ANSWER_COLUMNS))
+    for r in results:
+        click.echo(f"{Path(r['file']).stem[:24]:24} {r['language']:4} {r['questions']:>5} "
+                   + " ".join(f"{r[key]:14.3f}" for key, _ in ANSWER_COLUMNS))
+    click.echo(f"(unanswerable questions: {', '.join(str(r['unanswerable_questions']) for r in results)}; "
+               "ans⊇gold: a gold answer is in the answer; gen⊇gold: in the model's own text before any replacement)")
 
 
 # --- fine-tuning -----------------------------------------------------------------------------------
@@ -477,26 +536,15 @@ def dataset():
 @translate_errors
 def dataset_build(home, kind, out, teacher, limit):
     """Chat-format examples from the ingested corpus; a stopped build resumes where it was."""
-    from kb.dataset import build_dataset
-
     kb = _open(home, model=teacher)
-    store = kb._open_store()
-    if store.counts()[1] == 0:
-        from kb.errors import NotIngested
-
-        raise NotIngested(f"the knowledge base at {kb.home} has no documents yet")
     out = out or str(kb.home / "datasets" / "train.jsonl")
-    from pathlib import Path
-
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     tty = sys.stderr.isatty()
 
     def progress(n, total, stats):
         if tty or n == total or n % 50 == 0:
             status_line(f"chunks {n}/{total} · " + " · ".join(f"{k} {v}" for k, v in sorted(stats.items())), tty)
 
-    result = build_dataset(store, out, kind=kind, teacher=kb.generator if kind != "continuation" else None,
-                           progress=progress, limit=limit)
+    result = kb.build_dataset(out, kind=kind, progress=progress, limit=limit)
     if tty:
         click.echo("", err=True)
     click.echo(json.dumps(result))
@@ -504,26 +552,29 @@ def dataset_build(home, kind, out, teacher, limit):
 
 @dataset.command(name="check")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@HOME_OPTION
 @click.option("--fix", "fix_out", type=click.Path(dir_okay=False), help="Write a cleaned chat-format JSONL here.")
-@click.option("--model", help="GGUF whose tokenizer and context count (default: the bundled one).")
-@click.option("--ctx", type=int, default=2048, show_default=True, help="Context length examples must fit.")
+@click.option("--model", help="GGUF whose tokenizer and context count (default: the configured chat model).")
+@click.option("--ctx", type=int, help="Context length examples must fit (default: the configured ctx).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @translate_errors
-def dataset_check(file, fix_out, model, ctx, as_json):
+def dataset_check(file, home, fix_out, model, ctx, as_json):
     """Report missing fields, duplicates, too-long examples, inconsistent endings and token counts."""
+    from kb.config import Settings, kb_home
     from kb.dataset import check_dataset, fix_dataset
     from kb.generator import LlamaGenerator, LlamaOptions
 
-    generator = LlamaGenerator(model or None, options=LlamaOptions(n_ctx=ctx))
-    report = check_dataset(file, generator.count_tokens, ctx)
+    settings = Settings.load(kb_home(home), model=model, ctx=ctx)
+    generator = LlamaGenerator(settings.model or None, options=LlamaOptions(n_ctx=settings.ctx))
+    report = check_dataset(file, generator.count_tokens, settings.ctx)
     if fix_out:
-        report["fixed"] = fix_dataset(file, fix_out, generator.count_tokens, ctx)
+        report["fixed"] = fix_dataset(file, fix_out, generator.count_tokens, settings.ctx)
     if as_json:
         click.echo(json.dumps(report, ensure_ascii=False, indent=2))
         return
     click.echo(f"{file}: {report['examples']} usable examples ({report['format'] or 'unknown format'}), "
                f"{report['tokens']} tokens (longest {report['tokens_max']})")
-    click.echo(f"  duplicates: {report['duplicates']}; longer than {ctx} tokens: {report['too_long']}")
+    click.echo(f"  duplicates: {report['duplicates']}; longer than {settings.ctx} tokens: {report['too_long']}")
     for problem in report["problems"][:20]:
         click.echo(f"  problem: {problem}")
     if len(report["problems"]) > 20:
@@ -534,10 +585,13 @@ def dataset_check(file, fix_out, model, ctx, as_json):
         click.echo(f"wrote {report['fixed']['kept']} examples to {fix_out} ({report['fixed']['dropped']} dropped)")
 
 
+TRAIN_FLAGS = ("base", "name", "steps", "epochs", "rank", "alpha", "lr", "batch")
+
+
 @cli.command()
 @click.argument("data", required=False, type=click.Path(exists=True, dir_okay=False))
 @HOME_OPTION
-@click.option("--base", help="GGUF base model (default: the bundled SmolLM2-135M-Instruct).")
+@click.option("--base", help="GGUF base model (default: the configured chat model, else the bundled SmolLM2-135M-Instruct).")
 @click.option("--name", help="Adapter name (default: derived from the data file).")
 @click.option("--steps", type=int, help="Optimizer steps (default: from --epochs).")
 @click.option("--epochs", type=float, default=3.0, show_default=True)
@@ -545,20 +599,27 @@ def dataset_check(file, fix_out, model, ctx, as_json):
 @click.option("--alpha", type=float, default=16.0, show_default=True)
 @click.option("--lr", type=float, default=2e-4, show_default=True)
 @click.option("--batch", type=int, default=4, show_default=True)
-@click.option("--threads", type=int, default=0, help="CPU threads (default: all cores).")
-@click.option("--resume", "resume", help="Resume the stopped run NAME.")
+@click.option("--threads", type=int, help="CPU threads (default: the configured threads, else all cores).")
+@click.option("--resume", "resume", help="Resume the stopped run NAME (with the settings it started with).")
+@click.pass_context
 @translate_errors
-def finetune(data, home, base, name, steps, epochs, rank, alpha, lr, batch, threads, resume):
+def finetune(ctx, data, home, base, name, steps, epochs, rank, alpha, lr, batch, threads, resume):
     """Train a LoRA adapter on DATA (chat JSONL) and save it as a llama.cpp adapter in the kb home."""
-    from pathlib import Path
-
-    from kb.config import kb_home
+    from kb.config import Settings, kb_home
     from kb.finetune import TrainConfig, finetune as run_finetune
 
-    if not resume and not data:
+    if resume:
+        given = [f"--{p}" for p in TRAIN_FLAGS if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
+        if given or data:
+            raise click.UsageError(
+                f"--resume continues a run with the settings it started with; {', '.join(given) or 'DATA'} "
+                "cannot change them (start a new run with another --name instead)")
+    elif not data:
         raise click.UsageError("give DATA, or --resume NAME")
-    config = TrainConfig(name=resume or name or Path(data).stem, base=base or "", steps=steps or 0, epochs=epochs,
-                         rank=rank, alpha=alpha, lr=lr, batch=batch, threads=threads)
+    home_dir = kb_home(home)
+    settings = Settings.load(home_dir, threads=threads)
+    config = TrainConfig(name=resume or name or Path(data).stem, base=base or settings.model, steps=steps or 0,
+                         epochs=epochs, rank=rank, alpha=alpha, lr=lr, batch=batch, threads=settings.threads)
     tty = sys.stderr.isatty()
     started = time.monotonic()
 
@@ -569,7 +630,7 @@ def finetune(data, home, base, name, steps, epochs, rank, alpha, lr, batch, thre
 
     click.echo("Loading the base model (about 20 s)...", err=True)
     try:
-        card = run_finetune(kb_home(home), data, config, resume=bool(resume), progress=progress)
+        card = run_finetune(home_dir, data, config, resume=bool(resume), progress=progress)
     except KeyboardInterrupt:
         click.echo(f"\nStopped; resume with `kb finetune --resume {config.name}`.", err=True)
         sys.exit(130)
@@ -585,7 +646,7 @@ def finetune(data, home, base, name, steps, epochs, rank, alpha, lr, batch, thre
 @click.pass_context
 @translate_errors
 def adapters(ctx, home, as_json):
-    """List LoRA adapters with their cards; `kb adapters rm NAME` deletes one."""
+    """List LoRA adapters with their cards, and stopped training runs; `kb adapters rm NAME` deletes one."""
     if ctx.invoked_subcommand:
         return
     from kb.adapters import list_adapters
@@ -599,6 +660,11 @@ def adapters(ctx, home, as_json):
         click.echo("No adapters yet. Train one with `kb finetune DATA.jsonl --name NAME`.")
     for card in found:
         click.secho(card["name"], bold=True, nl=False)
+        if not card["finished"]:
+            done = card.get("steps_done")
+            click.echo(f"  stopped run{f' at step {done}' if done is not None else ''} · "
+                       f"resume with `kb finetune --resume {card['name']}`")
+            continue
         click.echo(f"  base {card.get('base_model_name')} · {card.get('steps')} steps · rank {card.get('rank')} · "
                    f"final loss {card.get('final_loss')} · {card.get('created_at')}")
 
@@ -614,6 +680,9 @@ def adapters_rm(name, home):
 
     remove_adapter(kb_home(home), name)
     click.echo(f"removed adapter {name}")
+
+
+# --- the home --------------------------------------------------------------------------------------
 
 
 @cli.command()
@@ -636,6 +705,30 @@ def status(home, as_json):
     click.echo(f"embedding model: {info['embedding_model']} (dim {info['dim']}, {info['max_tokens']} tokens a chunk)")
     click.echo(f"size on disk:    {info['size_bytes'] / 1e6:.1f} MB")
     click.echo(f"last ingest:     {info['last_ingest']}")
+
+
+@cli.command()
+@HOME_OPTION
+@click.option("--repair", is_flag=True, help="Move a damaged database aside and rebuild the index from the source files.")
+@WAIT_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@translate_errors
+def doctor(home, repair, wait, as_json):
+    """Check the knowledge base home (database, vector cache, lock, sources) and repair what can be repaired."""
+    from kb.config import kb_home
+    from kb.doctor import check_home
+
+    report = check_home(kb_home(home), repair=repair, wait=wait, progress=ProgressPrinter(quiet=as_json))
+    if as_json:
+        click.echo(json.dumps(report, ensure_ascii=False, indent=2))
+    else:
+        for finding in report["findings"]:
+            mark = {"ok": "ok  ", "fixed": "fixed", "problem": "PROBLEM"}[finding["status"]]
+            click.echo(f"{mark:7} {finding['what']}: {finding['detail']}")
+        if report["problems"] and not repair:
+            click.echo("Run `kb doctor --repair` to repair what can be repaired.", err=True)
+    if report["problems"] and not repair:
+        sys.exit(1)
 
 
 def main():

@@ -1,13 +1,22 @@
-"""Where kb keeps its data and how settings are resolved: defaults < home config.toml < KB_* env < flags."""
+"""Where kb keeps its data and how settings are resolved: defaults < home config.toml < KB_* env < flags.
+
+Every setting is declared once here, with its type, its valid values and a one-line description; the
+command line (kb.options), the config file and the environment all go through `Settings.load`, which
+refuses an unknown key or a bad value with the key, where it came from and what is valid.
+"""
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from kb.errors import KBError
+
 HOME_ENV = "KB_HOME"
+CONFIG_NAME = "config.toml"
 
 
 def kb_home(path: str | os.PathLike | None = None) -> Path:
@@ -20,53 +29,189 @@ def kb_home(path: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".kb"
 
 
+class BadSetting(KBError):
+    """A setting with an unknown name or a value of the wrong type or range."""
+
+
+def _choice(*values):
+    def check(value):
+        return None if value in values else f"one of {', '.join(values)}"
+    return check
+
+
+def _at_least(low):
+    def check(value):
+        return None if value >= low else f"a number >= {low}"
+    return check
+
+
+def _between(low, high):
+    def check(value):
+        return None if low <= value <= high else f"a number from {low} to {high}"
+    return check
+
+
+# name -> (description, check). The type is the dataclass field's.
+SETTINGS_HELP: dict[str, tuple[str, object]] = {
+    "embedding_model": ("local sentence-transformers model folder (empty: the bundled all-MiniLM-L6-v2)", None),
+    "chunk_overlap": ("tokens carried over between neighbouring chunks of one section", _at_least(0)),
+    "embed_batch_size": ("texts per embedding batch", _at_least(1)),
+    "embed_precision": ("bulk embedding precision: auto (bf16 where the CPU has it natively), fp32, bf16",
+                        _choice("auto", "fp32", "bf16")),
+    "search_mode": ("retrieval mode", _choice("dense", "lexical", "hybrid")),
+    "top_k": ("passages to retrieve", _at_least(1)),
+    "reranker": ("local CrossEncoder model folder to rerank with (empty: none)", None),
+    "model": ("chat model: a GGUF file (empty: the bundled SmolLM2-135M-Instruct)", None),
+    "ctx": ("context window in tokens", _at_least(64)),
+    "threads": ("CPU threads (0: all cores)", _at_least(0)),
+    "gpu_layers": ("layers to offload to the GPU (needs a GPU build of llama-cpp-python)", _at_least(-1)),
+    "temperature": ("sampling temperature", _between(0.0, 5.0)),
+    "max_tokens": ("longest answer in tokens", _at_least(1)),
+    "seed": ("sampling seed", None),
+    "min_score": ("answerability below which kb refuses to answer (0: never refuses)", _between(0.0, 1.0)),
+    "extractive": ("answer with the best evidence itself, quoted and cited, without the chat model", None),
+    "check_support": ("replace a generated answer whose words are not in the passages it cites by the evidence",
+                      None),
+    "model_languages": ("languages the chat model writes, comma-separated (empty: what the GGUF declares)", None),
+    "persona": ("system-prompt preset (`kb personas`)", None),
+    "adapter": ("LoRA adapter from `kb adapters`, or a .gguf adapter path", None),
+    "adapter_scale": ("strength of the adapter", _between(0.0, 10.0)),
+    "verbose": ("show llama.cpp's own log", None),
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every tunable of kb in one place. Each field can be set in `config.toml` or as KB_<FIELD>."""
 
     # embedding and chunking
-    embedding_model: str = ""  # empty: the bundled all-MiniLM-L6-v2
-    chunk_overlap: int = 32  # tokens carried over between neighbouring chunks of one section
+    embedding_model: str = ""
+    chunk_overlap: int = 32
     embed_batch_size: int = 64
-    embed_precision: str = "auto"  # auto (bf16 where the CPU has it natively), fp32, bf16
+    embed_precision: str = "auto"
     # retrieval
     search_mode: str = "hybrid"
     top_k: int = 5
+    reranker: str = ""
     # generation
-    model: str = ""  # empty: the bundled SmolLM2-135M-Instruct GGUF
+    model: str = ""
     ctx: int = 2048
-    threads: int = 0  # 0: all cores
+    threads: int = 0
     gpu_layers: int = 0
     temperature: float = 0.2
     max_tokens: int = 256
     seed: int = 0
-    # answers are refused without calling the model when no passage's relevance reaches this;
-    # 0.5 means "clears one calibrated signal" (kb/answer.py, docs/answers.md); 0 never refuses
+    # answers: refused without calling the model when the evidence's answerability is below min_score;
+    # 0.5 is the calibrated point (kb/evidence.py, docs/answers.md)
     min_score: float = 0.5
+    extractive: bool = False
+    check_support: bool = True
+    model_languages: str = ""
     persona: str = ""
-    # a LoRA adapter (a name from `kb adapters`, or a .gguf path) and its strength
     adapter: str = ""
     adapter_scale: float = 1.0
-    extra: dict = field(default_factory=dict)
+    verbose: bool = False
+    # where each value came from: "default", the config file's path, "env KB_X" or "flag"
+    origins: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name != "origins"]
 
     @classmethod
     def load(cls, home: Path, **overrides) -> "Settings":
-        values: dict = {}
-        config_file = home / "config.toml"
+        """Settings for `home`: defaults < `<home>/config.toml` < KB_* variables < `overrides` (flags).
+
+        Overrides that are None are not given. Raises BadSetting naming the key and its source."""
+        names = cls.names()
+        defaults = {f.name: f.default for f in fields(cls) if f.name != "origins"}
+        values = dict(defaults)
+        origins = {name: "default" for name in names}
+        config_file = home / CONFIG_NAME
         if config_file.is_file():
-            with config_file.open("rb") as f:
-                values.update(tomllib.load(f))
-        known = {f.name: f for f in fields(cls)}
-        for name in known:
-            env = os.environ.get(f"KB_{name.upper()}")
-            if env is not None and name != "extra":
-                values[name] = env
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        extra = {k: v for k, v in values.items() if k not in known}
-        typed = {}
-        for name, value in values.items():
-            if name not in known or name == "extra":
+            try:
+                with config_file.open("rb") as f:
+                    from_file = tomllib.load(f)
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+                raise BadSetting(f"{config_file} is not valid TOML: {e}", hint="fix or remove the file") from e
+            except OSError as e:
+                raise BadSetting(f"cannot read {config_file}: {e.strerror or e}") from e
+            for key, value in from_file.items():
+                _known(key, f"in {config_file}")
+                values[key] = _typed(key, value, defaults, f"{key} in {config_file}")
+                origins[key] = str(config_file)
+        for name in names:
+            variable = f"KB_{name.upper()}"
+            if variable in os.environ:
+                values[name] = _typed(name, os.environ[variable], defaults, variable)
+                origins[name] = f"env {variable}"
+        for key, value in overrides.items():
+            if value is None:
                 continue
-            default = getattr(cls, name)
-            typed[name] = type(default)(value) if not isinstance(value, type(default)) else value
-        return cls(**typed, extra=extra)
+            _known(key, "given to kb")
+            values[key] = _typed(key, value, defaults, key)
+            origins[key] = "flag"
+        return cls(**values, origins=origins)
+
+    def replace(self, **changes) -> "Settings":
+        """A copy with `changes` (validated like flags)."""
+        values = {name: getattr(self, name) for name in self.names()}
+        origins = dict(self.origins)
+        defaults = {f.name: f.default for f in fields(self) if f.name != "origins"}
+        for key, value in changes.items():
+            if value is not None:
+                _known(key, "given to kb")
+                values[key] = _typed(key, value, defaults, key)
+                origins[key] = "flag"
+        return Settings(**values, origins=origins)
+
+
+def _known(key: str, where: str) -> str:
+    if key in SETTINGS_HELP:
+        return key
+    close = difflib.get_close_matches(key, list(SETTINGS_HELP), n=3)
+    raise BadSetting(f"unknown setting {key!r} {where}",
+                     hint=(f"did you mean {' or '.join(close)}? " if close else "") + "`kb config` lists the settings")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _typed(name: str, value, defaults: dict, source: str):
+    """`value` converted to the type of the setting's default, and checked; BadSetting names `source`."""
+    kind = type(defaults[name])
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                converted = value
+            elif isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+                converted = value.strip().lower() in _TRUE
+            else:
+                raise ValueError
+        elif kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            converted = int(value)
+        elif kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            converted = float(value)
+            if converted != converted:  # NaN
+                raise ValueError
+        else:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            converted = str(value)
+    except (TypeError, ValueError):
+        expected = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}[kind]
+        raise BadSetting(f"{source} = {value!r} is not valid: {name} must be {expected}",
+                         hint=SETTINGS_HELP[name][0]) from None
+    check = SETTINGS_HELP[name][1]
+    problem = check(converted) if check else None
+    if problem:
+        raise BadSetting(f"{source} = {value!r} is not valid: {name} must be {problem}", hint=SETTINGS_HELP[name][0])
+    return converted
+
+
+__all__ = ["Settings", "BadSetting", "kb_home", "SETTINGS_HELP", "CONFIG_NAME"]

@@ -4,7 +4,8 @@ Bulk embedding (ingest) runs on sentence-transformers. Importing it costs second
 `kb search` or `kb ask` from a cold shell cannot afford for one short query, so for BERT-family models with
 mean or CLS pooling a query is encoded by `NumpyBertEncoder`: the same weights (safetensors), the same
 tokenizer (tokenizers), the same arithmetic in numpy. Its output equals sentence-transformers' to float32
-rounding (tested); any other architecture falls back to sentence-transformers.
+rounding (tested on the bundled model and on a second layout: CLS pooling, no Normalize module); any other
+architecture falls back to sentence-transformers. Queries and documents are both unit vectors.
 """
 
 from __future__ import annotations
@@ -256,7 +257,6 @@ class NumpyBertEncoder:
             self.w[p + "qkv.bias"] = np.concatenate([self.w[p + n + ".bias"] for n in ("query", "key", "value")])
         pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
         self.pool_cls = bool(pooling.get("pooling_mode_cls_token"))
-        self.normalize = (folder / "2_Normalize").exists() or _has_normalize(folder)
 
     @staticmethod
     def supports(folder: Path) -> bool:
@@ -316,13 +316,7 @@ class NumpyBertEncoder:
             h = 0.5 * h * (1.0 + _erf(h / np.sqrt(2.0)))
             x = self._layer_norm(self._dense(h, p + "output.dense") + x, p + "output.LayerNorm")
         vec = x[0] if self.pool_cls else x.mean(0)
-        if self.normalize:
-            vec = vec / max(np.linalg.norm(vec), 1e-12)
+        # unit length always, as documents are embedded (normalize_embeddings=True), whether or not the
+        # model ends in a Normalize module: cosines and the refusal thresholds assume it
+        vec = vec / max(np.linalg.norm(vec), 1e-12)
         return vec.astype(np.float32)
-
-
-def _has_normalize(folder: Path) -> bool:
-    modules = folder / "modules.json"
-    if not modules.is_file():
-        return False
-    return any(m["type"].endswith("Normalize") for m in json.loads(modules.read_text()))

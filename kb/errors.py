@@ -26,6 +26,10 @@ class ModelNotFound(KBError):
     """A model file or folder does not exist or cannot be loaded."""
 
 
+class DamagedIndex(KBError):
+    """The knowledge base's database is corrupt or not a database."""
+
+
 class Locked(KBError):
     """Another process holds the write lock of this knowledge base."""
 

@@ -243,11 +243,46 @@ def eval_retrieval(path, *, modes=("hybrid",), k: int = 10, home=None, limit: in
 
 HELD_OUT_SHARE = 0.1
 
+# kb's own framing of an answer, which a reader skips and a metric must too: the prefilled "According to
+# [n]," (or "根据[n]，") and citation marks.
+_FRAMING = re.compile(r"^\s*(?:according to|based on)\s*(?:\[[\d,\s]*\](?:\s*(?:,|and|&)\s*\[[\d,\s]*\])*)?\s*[,:]?\s*"
+                      r"|^\s*根据\s*(?:\[[\d,\s]*\])+\s*[，,：:]?\s*", re.I)
+_CITATION_MARK = re.compile(r"\s*\[\s*\d+(?:\s*[,;]\s*\d+)*\s*\]")
+
+
+def answer_body(text: str) -> str:
+    """The answer a reader reads: kb's "According to [n]," framing and citation marks removed."""
+    return " ".join(_CITATION_MARK.sub("", _FRAMING.sub("", text)).split())
+
+
+_PUNCT = re.compile("[" + re.escape(string.punctuation) + "‘’“”–—]")
+
+
+def _contains_units(text: str) -> str:
+    """Text for containment checks: lower case, punctuation as spaces, articles dropped (SQuAD style)."""
+    text = _PUNCT.sub(" ", text.lower())
+    return " " + " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split()) + " "
+
+
+def contains_gold(text: str, golds: list[str]) -> bool:
+    """Whether a gold answer appears in `text` after normalization: whole words for spaced scripts,
+    characters without punctuation or spaces (as CMRC scores) for Chinese."""
+    if not golds:
+        return False
+    if unspaced_ratio("".join(golds)) >= 0.5:
+        flat = "".join(_cjk_units(text))
+        return any("".join(_cjk_units(g)) and "".join(_cjk_units(g)) in flat for g in golds)
+    haystack = _contains_units(text)
+    return any(_contains_units(g).strip() and _contains_units(g) in haystack for g in golds)
+
 
 def eval_answers(path, *, limit: int | None = None, home=None, progress=None, on_question=None,
-                 ask_options: dict | None = None, **kb_options) -> dict:
-    """Exact match, F1 and citation accuracy on questions whose passage is indexed, and the refusal rate
-    on questions whose passage was held out of the index (a deterministic 10% of passages)."""
+                 ask_options: dict | None = None, details: bool = False, **kb_options) -> dict:
+    """What users see, on a SQuAD-format set. Answerable questions (their passage is indexed): exact match
+    and F1 of the answer without kb's framing, answer-contains-gold, evidence-contains-gold (the best
+    sentence; any of the quotes shown), citation accuracy, and how many were refused. Unanswerable
+    questions: those whose passage was held out of the index (a deterministic 10% of passages) while the
+    other paragraphs of the same article, the related documents, stay indexed: the share refused."""
     eval_set = load_eval_set(path)
     indexed = [pid for pid in eval_set.passages if not held_out(pid, HELD_OUT_SHARE)]
     kb, mapping = _open_eval_kb(eval_set, home, indexed, progress, **kb_options)
@@ -256,38 +291,64 @@ def eval_answers(path, *, limit: int | None = None, home=None, progress=None, on
     unanswerable = [q for q in eval_set.questions if not q["relevant"].keys() & indexed_set]
     if limit:
         answerable = answerable[:limit]
-        unanswerable = unanswerable[: max(1, limit // 5)]
-    em = f1 = cited_ok = refused_answerable = 0.0
-    refused_unanswerable = 0
+        unanswerable = unanswerable[:limit]
+    sums = collections.Counter()
+    records = []
     try:
         for q in answerable:
             answer = kb.ask(q["question"], log=False, **(ask_options or {}))
-            e, f = answer_scores(answer.text, q["answers"]) if not answer.refused else (0.0, 0.0)
-            em, f1 = em + e, f1 + f
-            cited = [mapping.get(s.path) for s in answer.sources if s.cited]
-            cited_ok += float(bool(set(cited) & q["relevant"].keys()))
-            refused_answerable += answer.refused
+            body = answer_body(answer.text)
+            e, f = answer_scores(body, q["answers"]) if not answer.refused else (0.0, 0.0)
+            cited = {mapping.get(s.path) for s in answer.sources if s.cited}
+            row = {
+                "exact_match": e, "f1": f,
+                "answer_contains_gold": float(not answer.refused and contains_gold(body, q["answers"])),
+                "evidence_top1": float(bool(answer.evidence) and contains_gold(answer.evidence[0].text, q["answers"])),
+                "evidence_top3": float(any(contains_gold(x.text, q["answers"]) for x in answer.quotes())),
+                "citation_accuracy": float(bool(cited & q["relevant"].keys())),
+                "refused_answerable": float(answer.refused),
+                "extractive": float(answer.extractive),
+                "replaced_by_evidence": float(bool(answer.generated)),
+                "generated_contains_gold": float(not answer.refused and not answer.extractive and contains_gold(
+                    answer_body(answer.generated or answer.text), q["answers"])),
+                "answer_chars": len(body),
+            }
+            sums.update(row)
+            if details:
+                records.append({"id": q["id"], "question": q["question"], "gold": q["answers"], "answer": answer.text,
+                                "refused": answer.refused, "answerability": answer.answerability, **row})
             if on_question:
                 on_question(q, answer, e, f)
+        refused = 0
         for q in unanswerable:
             answer = kb.ask(q["question"], log=False, **(ask_options or {}))
-            refused_unanswerable += answer.refused
+            refused += answer.refused
+            if details:
+                records.append({"id": q["id"], "question": q["question"], "unanswerable": True, "answer": answer.text,
+                                "refused": answer.refused, "answerability": answer.answerability})
             if on_question:
                 on_question(q, answer, None, None)
     finally:
         kb.close()
     n = len(answerable)
-    return {
+    result = {
         "file": str(path),
+        "language": "zh" if unspaced_ratio("".join(q["question"] for q in eval_set.questions[:50])) >= 0.5 else "en",
         "questions": n,
-        "exact_match": round(em / n, 4) if n else 0.0,
-        "f1": round(f1 / n, 4) if n else 0.0,
-        "citation_accuracy": round(cited_ok / n, 4) if n else 0.0,
-        "refused_answerable": round(refused_answerable / n, 4) if n else 0.0,
+        **{key: round(sums[key] / n, 4) if n else 0.0 for key in ANSWER_METRICS},
         "unanswerable_questions": len(unanswerable),
-        "refusal_rate": round(refused_unanswerable / len(unanswerable), 4) if unanswerable else 0.0,
+        "refused_unanswerable": round(refused / len(unanswerable), 4) if unanswerable else 0.0,
     }
+    if details:
+        result["details"] = records
+    return result
+
+
+ANSWER_METRICS = ("exact_match", "f1", "answer_contains_gold", "evidence_top1", "evidence_top3",
+                  "citation_accuracy", "refused_answerable", "extractive", "replaced_by_evidence",
+                  "generated_contains_gold", "answer_chars")
 
 
 __all__ = ["EvalSet", "load_squad", "load_beir", "load_eval_set", "eval_retrieval", "eval_answers",
-           "answer_scores", "normalize_answer", "retrieval_metrics", "held_out"]
+           "answer_scores", "normalize_answer", "retrieval_metrics", "held_out", "answer_body", "contains_gold",
+           "ANSWER_METRICS"]

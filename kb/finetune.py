@@ -196,6 +196,7 @@ def _save_checkpoint(run: Path, model, optimizer, step: int, losses: list[float]
         warnings.filterwarnings("ignore", message="Could not find a config file")
         model.save_pretrained(str(tmp), save_embedding_layers=False)
     torch.save({"optimizer": optimizer.state_dict(), "step": step, "losses": losses}, tmp / "state.pt")
+    (tmp / "progress.json").write_text(json.dumps({"step": step}))  # readable without torch (kb adapters)
     final = run / "checkpoint"
     old = run / "checkpoint.old"
     if final.exists():
@@ -268,9 +269,11 @@ def finetune(home: Path, data: str | Path | None, config: TrainConfig, *, resume
     plan = schedule(len(encoded), config.batch, steps, config.seed)
     model.train()
     started = time.time()
+    step_seconds: list[float] = []
     step = start
     try:
         for step in range(start, steps):
+            step_started = time.perf_counter()
             batch = [encoded[i] for i in plan[step]]
             width = max(len(ids) for ids, _ in batch)
             input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch])
@@ -281,6 +284,7 @@ def finetune(home: Path, data: str | Path | None, config: TrainConfig, *, resume
             optimizer.step()
             optimizer.zero_grad()
             losses.append(round(float(loss.detach()), 4))
+            step_seconds.append(round(time.perf_counter() - step_started, 3))
             if progress:
                 progress(step + 1, steps, losses[-1])
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < steps:
@@ -312,6 +316,7 @@ def finetune(home: Path, data: str | Path | None, config: TrainConfig, *, resume
         "loss_curve": losses,
         "final_loss": round(float(np.mean(losses[-10:])), 4) if losses else None,
         "seconds_this_session": round(time.time() - started, 1),
+        "step_seconds_this_session": step_seconds,
         "device": device,
         "created_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

@@ -7,6 +7,7 @@ its tokens with the model's own tokenizer before anything is sent, which is what
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -95,8 +96,28 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     return path
 
 
+def model_languages(path: Path, declared: str = "") -> set[str] | None:
+    """The languages a chat model writes: the `model_languages` setting (comma-separated, e.g. "en,zh" or
+    "multilingual") if given, else what the GGUF declares (`general.languages`); None when unknown, which
+    callers treat as "any": a user's multilingual model must never be forced into extractive answers."""
+    if declared.strip():
+        return {x.strip().lower() for x in declared.split(",") if x.strip()}
+    from kb.gguf import NotGGUF, read_header
+
+    try:
+        languages = read_header(path, until={"general.languages"}).languages
+    except NotGGUF:
+        return None
+    return set(languages) or None
+
+
+_WARNED_TEMPLATES: set[str] = set()
+
+
 def compile_chat_template(source: str | None, model_id: str = "the model"):
-    """A GGUF's chat template compiled the way Hugging Face renders it (sandboxed Jinja2); ChatML when absent."""
+    """A GGUF's chat template compiled the way Hugging Face renders it (sandboxed Jinja2); ChatML when the
+    model has none, or (reported once per model on the `kb` logger) when Jinja cannot parse it."""
+    from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -107,7 +128,12 @@ def compile_chat_template(source: str | None, model_id: str = "the model"):
     env.globals["raise_exception"] = raise_exception
     try:
         return env.from_string(source or CHATML_TEMPLATE)
-    except Exception:  # a template Jinja cannot parse: fall back rather than fail
+    except TemplateError as e:
+        if model_id not in _WARNED_TEMPLATES:
+            _WARNED_TEMPLATES.add(model_id)
+            logging.getLogger("kb").warning(
+                "the chat template in %s cannot be parsed (%s); using ChatML instead, which may not be the "
+                "format this model was trained on", model_id, e)
         return env.from_string(CHATML_TEMPLATE)
 
 
@@ -237,4 +263,5 @@ class LlamaGenerator:
         }
 
 
-__all__ = ["Generator", "LlamaGenerator", "complete", "LlamaOptions", "bundled_model_path", "resolve_model", "CHATML_TEMPLATE"]
+__all__ = ["Generator", "LlamaGenerator", "complete", "LlamaOptions", "bundled_model_path", "resolve_model",
+           "model_languages", "CHATML_TEMPLATE"]

@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import sqlite_utils
 
-from kb.errors import Locked, ModelMismatch, NotIngested
+from kb.errors import DamagedIndex, Locked, ModelMismatch, NotIngested
 from kb.text import fts_query, has_unspaced, lexical_document
 from kb.types import Chunk, Hit
 
@@ -30,6 +30,7 @@ SCHEMA_VERSION = 2
 DB_NAME = "kb.db"
 INDEX_NAME = "vectors.faiss"
 LOCK_NAME = "write.lock"
+SOURCES_NAME = "sources.json"  # the paths given to each ingest, kept outside the database: kb doctor rebuilds from it
 _INDEX_MAGIC = b"KBFAISS1"
 
 MIGRATIONS = []
@@ -116,6 +117,14 @@ def m003_cjk_unigrams_in_full_text(db: sqlite_utils.Database) -> None:
         if has_unspaced(f"{title}{heading}{text}"):
             db.execute("DELETE FROM chunks_fts WHERE rowid = ?", [chunk_id])
             db.execute("INSERT INTO chunks_fts (rowid, terms) VALUES (?, ?)", [chunk_id, chunk_terms(title, heading, text)])
+
+
+@migration
+def m004_chunk_embed_hash(db: sqlite_utils.Database) -> None:
+    """A hash of what the embedder was given for each chunk, so that an unchanged chunk (a renamed file, an
+    untouched section of an edited one) reuses its vector. Chunks stored before have none and are re-embedded."""
+    db.execute("ALTER TABLE chunks ADD COLUMN embed_hash TEXT")
+    db.execute("CREATE INDEX idx_chunks_embed_hash ON chunks (embed_hash)")
 
 
 def chunk_terms(title: str | None, heading: str | None, text: str) -> str:
@@ -311,10 +320,16 @@ class Store:
         self.home.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.db_path, timeout=60, check_same_thread=False)
         self.db = sqlite_utils.Database(conn)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        migrate(self.db)
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            migrate(self.db)
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise DamagedIndex(f"the knowledge base database {self.db_path} is damaged ({e})",
+                               hint="run `kb doctor --repair`: it moves the damaged file aside and rebuilds the "
+                                    "index from your files") from e
         self._vectors: VectorIndex | None = None
         self._model_info: dict | None = None
         self._df_cache: tuple | None = None
@@ -393,9 +408,10 @@ class Store:
         ).fetchall()
         return [StoredDocument(*r) for r in rows]
 
-    def touch_document(self, doc_id: int, mtime: float, size: int) -> None:
+    def touch_document(self, doc_id: int, mtime: float, size: int, root: str) -> None:
+        """Record an unchanged file's new timestamp, size or ingest root (the folder it was found under)."""
         with transaction(self.db):
-            self.db.execute("UPDATE documents SET mtime = ?, size = ? WHERE id = ?", [mtime, size, doc_id])
+            self.db.execute("UPDATE documents SET mtime = ?, size = ?, root = ? WHERE id = ?", [mtime, size, root, doc_id])
 
     def replace_document(
         self,
@@ -410,6 +426,7 @@ class Store:
         metadata: dict,
         chunks: list[Chunk],
         vectors: np.ndarray,
+        embed_hashes: list[str] | None = None,
     ) -> tuple[list[int], list[int]]:
         """Put one document with its chunks in, replacing any earlier version, in one transaction.
 
@@ -443,11 +460,12 @@ class Store:
             else:
                 doc_id = self.db["documents"].insert(record).last_pk
             new_ids = []
-            for chunk, vector in zip(chunks, vectors):
+            for chunk, vector, digest in zip(chunks, vectors, embed_hashes or [None] * len(chunks)):
                 cur = self.db.execute(
-                    "INSERT INTO chunks (doc_id, ord, text, heading, page, n_tokens, vector) VALUES (?,?,?,?,?,?,?)",
+                    "INSERT INTO chunks (doc_id, ord, text, heading, page, n_tokens, vector, embed_hash) "
+                    "VALUES (?,?,?,?,?,?,?,?)",
                     [doc_id, chunk.ord, chunk.text, chunk.heading, chunk.page, chunk.n_tokens,
-                     np.asarray(vector, dtype=np.float32).tobytes()],
+                     np.asarray(vector, dtype=np.float32).tobytes(), digest],
                 )
                 chunk_id = cur.lastrowid
                 new_ids.append(chunk_id)
@@ -606,17 +624,44 @@ class Store:
         ).fetchall()
         return {r[0]: np.frombuffer(r[1], dtype=np.float32) for r in rows if r[1]}
 
-    def term_stats(self, terms: list[str], ids: list[int]) -> tuple[int, dict[str, int], dict[str, set[int]]]:
-        """(chunks in the index, chunks containing each term, which of `ids` contain each term), by FTS5 rules."""
-        total, df = self.doc_freqs(terms)
-        marks = ",".join("?" * len(ids))
-        present = {
-            term: {r[0] for r in self.db.execute(
-                f"SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ? AND rowid IN ({marks})",
-                [fts_query([term]), *ids]).fetchall()} if ids else set()
-            for term in terms
-        }
-        return total, df, present
+    def vectors_by_embed_hash(self, hashes: list[str]) -> dict[str, np.ndarray]:
+        """Stored vectors for the given embedding-input hashes (those the index holds)."""
+        out: dict[str, np.ndarray] = {}
+        unique = list(dict.fromkeys(hashes))
+        for start in range(0, len(unique), 500):
+            part = unique[start:start + 500]
+            rows = self.db.execute(
+                f"SELECT embed_hash, vector FROM chunks WHERE embed_hash IN ({','.join('?' * len(part))})", part
+            ).fetchall()
+            out.update((r[0], np.frombuffer(r[1], dtype=np.float32)) for r in rows)
+        return out
+
+    def fts_rows(self) -> int:
+        return self.db.execute("SELECT count(*) FROM chunks_fts").fetchone()[0]
+
+    def rebuild_full_text(self) -> None:
+        """Re-derive every chunk's full-text row from its text, title and heading."""
+        with transaction(self.db):
+            self.db.execute("DELETE FROM chunks_fts")
+            rows = self.db.execute(
+                "SELECT c.id, d.title, c.heading, c.text FROM chunks c JOIN documents d ON d.id = c.doc_id").fetchall()
+            self.db.conn.executemany("INSERT INTO chunks_fts (rowid, terms) VALUES (?, ?)",
+                                     [(i, chunk_terms(t, h, x)) for i, t, h, x in rows])
+            self._bump_generation()
+
+    def cached_vectors_generation(self) -> int | None:
+        """The generation the vector cache file on disk reflects (None: no readable cache)."""
+        try:
+            with open(self.index_path, "rb") as f:
+                head = f.read(len(_INDEX_MAGIC) + 12)
+        except OSError:
+            return None
+        if not head.startswith(_INDEX_MAGIC) or len(head) < len(_INDEX_MAGIC) + 12:
+            return None
+        return struct.unpack("<q", head[len(_INDEX_MAGIC):len(_INDEX_MAGIC) + 8])[0]
+
+    def all_documents(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT path FROM documents ORDER BY path").fetchall()]
 
     def has_chunks(self) -> bool:
         # not count(*): that walks the whole table, a few ms at 100k chunks, on every search
@@ -647,6 +692,23 @@ class Store:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def read_sources(home: Path) -> list[str]:
+    """The paths ingested into `home` so far (files and folders, absolute), oldest first."""
+    try:
+        data = json.loads((Path(home) / SOURCES_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [p for p in data if isinstance(p, str)] if isinstance(data, list) else []
+
+
+def record_sources(home: Path, paths: list[str]) -> None:
+    """Add `paths` to the home's record of ingested paths (atomically)."""
+    known = read_sources(home)
+    merged = known + [p for p in paths if p not in known]
+    if merged != known:
+        _atomic_write(Path(home) / SOURCES_NAME, json.dumps(merged, ensure_ascii=False, indent=1).encode("utf-8"))
 
 
 @contextmanager

@@ -70,9 +70,11 @@ class IngestReport:
     unchanged: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     failed: list[FileFailure] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # unsupported file types
+    skipped_reasons: dict[str, str] = field(default_factory=dict)  # not regular files, too large
     warnings: list[str] = field(default_factory=list)
     chunks: int = 0
+    reused_chunks: int = 0  # chunks whose vector was already in the index (renamed files, unchanged sections)
     seconds: float = 0.0
     timings: dict = field(default_factory=dict)
 

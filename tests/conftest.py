@@ -94,7 +94,8 @@ class FakeGenerator:
             reply = "SUMMARY of earlier turns"
         else:
             # quote the first passage given, cite it, and invent a citation that was never given
-            first = prompt.split("[1]", 1)[1].split("\n", 2)[1] if "[1]" in prompt else ""
+            passages = prompt.split("Documents:", 1)[-1]
+            first = passages.split("[1]", 1)[1].split("\n", 2)[1] if "[1]" in passages else ""
             reply = self.reply or f"{first[:60]} [1] and also [7]."
         for word in re.findall(r"\S+\s*", reply)[:max_tokens]:
             yield word

@@ -22,7 +22,7 @@ def ingested(make_kb, corpus):
 
 
 def test_answer_cites_the_right_file_and_drops_invented_citations(ingested):
-    kb = ingested()
+    kb = ingested(check_support=False)
     answer = kb.ask(QUESTION)
     assert not answer.refused
     assert answer.sources[0].path.endswith("alpha.md")
@@ -38,7 +38,7 @@ def test_refusal_does_not_call_the_model_and_shows_closest_passages(ingested):
     answer = kb.ask("How do volcanoes erupt under the ocean?")
     assert answer.refused and "do not contain" in answer.text
     assert generator.prompts == []
-    assert answer.sources and all(s.relevance < 0.5 for s in answer.sources)
+    assert answer.sources and answer.answerability < 0.5
     # min_score 0 never refuses
     assert not kb.ask("How do volcanoes erupt under the ocean?", min_score=0).refused
 

@@ -68,7 +68,8 @@ def test_eval_retrieval_and_answers_with_fakes(squad_file, tmp_path, fake_embedd
         assert r["documents"] == 5 and r["queries"] == 5 and r["recall@5"] == 1.0
     answers = eval_answers(squad_file, home=tmp_path / "a", embedder=fake_embedder,
                            generator=FakeGenerator())  # it quotes the first passage
-    assert {"questions", "exact_match", "f1", "citation_accuracy", "refusal_rate"} <= set(answers)
+    assert {"questions", "exact_match", "f1", "citation_accuracy", "refused_unanswerable", "answer_contains_gold",
+            "evidence_top1", "evidence_top3", "language"} <= set(answers)
     assert answers["questions"] + answers["unanswerable_questions"] == 5
     assert 0 < answers["citation_accuracy"] <= 1 and 0 < answers["f1"] <= 1
 

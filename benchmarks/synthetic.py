@@ -1,0 +1,48 @@
+"""Synthetic text with a realistic term distribution, for search benchmarks at scale.
+
+Words are drawn from a Zipfian vocabulary (frequency of the r-th word ~ 1 / r^1.07, as in English text),
+so a few words are in most chunks and most words are rare: the full-text index has short and long posting
+lists, as a real corpus does, and a query's rare words decide its ranking. Chunks are 40 to 200 words.
+Vectors are random unit vectors: dense search does its full work (a scan, or an index walk), though its
+ranking carries no meaning.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_SYLLABLES = ["ka", "ro", "mi", "te", "su", "na", "lo", "vi", "de", "pa", "zu", "ne", "tor", "gal", "ben", "fis",
+              "qua", "dre", "lin", "mos", "rah", "sel", "tun", "wex"]
+
+
+class SyntheticCorpus:
+    def __init__(self, *, vocabulary: int = 60_000, dim: int = 384, seed: int = 0, exponent: float = 1.07):
+        self.rng = np.random.default_rng(seed)
+        self.dim = dim
+        words = set()
+        while len(words) < vocabulary:
+            n = int(self.rng.integers(1, 5))
+            words.add("".join(self.rng.choice(_SYLLABLES, n)))
+        self.words = np.array(sorted(words, key=lambda w: (len(w), w)))
+        weights = 1.0 / np.arange(1, vocabulary + 1) ** exponent
+        self.p = weights / weights.sum()
+
+    def chunks(self, n: int) -> list[str]:
+        lengths = self.rng.integers(40, 201, n)
+        drawn = self.rng.choice(len(self.words), size=int(lengths.sum()), p=self.p)
+        out, at = [], 0
+        for length in lengths:
+            out.append(" ".join(self.words[drawn[at:at + length]]))
+            at += length
+        return out
+
+    def vectors(self, n: int) -> np.ndarray:
+        v = self.rng.standard_normal((n, self.dim)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    @staticmethod
+    def query_from(text: str, rng: np.random.Generator, words: int = 5) -> str:
+        """A query made of `words` words of a chunk: what someone who read it might type."""
+        tokens = text.split()
+        picks = rng.choice(len(tokens), size=min(words, len(tokens)), replace=False)
+        return " ".join(tokens[i] for i in sorted(picks))

@@ -1,0 +1,247 @@
+"""Evidence sentences, answer types, answerability, extractive answers and the support check (fakes)."""
+
+import json
+import struct
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import FakeGenerator
+from kb.evidence import (Passage, answer_type, assess, join_adjacent, prepare_question, question_terms,
+                         select_evidence, split_sentences, type_candidates)
+
+RELEASES = """As the year draws to a close, it is time to plan the 1.0 release cycle of Quill.
+
+**In short: we switch to a six-week release cycle on Jan 9, 2015, and ship Quill 1.0 final two cycles later**:
+
+* Quill 1.0.0-alpha -- Friday, Jan 9, 2015
+* Quill 1.0.0-beta -- Week of Feb 16, 2015
+* Quill 1.0.0 -- One or more six-week cycles later
+
+Reaching alpha means the language is feature-complete. The standard library is nearly complete."""
+
+
+def flat_doc_freqs(terms):
+    return 1000, {t: 5 for t in terms}
+
+
+def sentences(text):
+    return [text[s:e] for s, e in split_sentences(text)]
+
+
+def test_sentences_western_abbreviations_and_markdown_units():
+    got = sentences("Dr. Smith went to Washington D.C. on Jan. 5. He left e.g. early. It cost 3.5 dollars! Done?")
+    assert got == ["Dr. Smith went to Washington D.C. on Jan. 5.", "He left e.g. early.", "It cost 3.5 dollars!", "Done?"]
+    got = sentences(RELEASES)
+    assert "* Quill 1.0.0-alpha -- Friday, Jan 9, 2015" in got  # list items and key -- value lines are units
+    assert any(s.startswith("**In short") and s.endswith("later**:") for s in got)  # a wrapped line is joined
+    assert "Reaching alpha means the language is feature-complete." in got
+
+
+def test_sentences_chinese_tables_and_giant_runs():
+    assert sentences("黑豹队赢了。他说：“我们会赢！”然后离开了。这是第一句") == ["黑豹队赢了。", "他说：“我们会赢！”", "然后离开了。", "这是第一句"]
+    table = "| year | champion |\n|---|---|\n| 2015 | Broncos |\n| 2016 | Patriots |"
+    assert "| 2015 | Broncos |" in sentences(table)
+    giant = " ".join(f"word{i}" for i in range(2000))  # no boundary at all
+    spans = split_sentences(giant)
+    assert len(spans) > 5 and all(e - s <= 500 for s, e in spans)
+    assert giant[spans[0][0]:spans[-1][1]] == giant  # nothing lost
+    cjk = "甲乙丙丁" * 300
+    assert all(e - s <= 250 for s, e in split_sentences(cjk))
+    assert split_sentences("") == [] and split_sentences("  \n\n ") == []
+
+
+def test_answer_types_in_english_and_chinese():
+    assert answer_type("On what date will Quill 1.0.0-alpha be released?") == "date"
+    assert answer_type("How many points did the Panthers surrender?") == "number"
+    assert answer_type("Who won Super Bowl 50?") == "person"
+    assert answer_type("Where was the game played?") == "place"
+    assert answer_type("What sea bordered the empire when he died?") == "place"  # the first question word decides
+    assert answer_type("What did Luther do when he was young?") is None
+    assert answer_type("黑豹队的防守丢了多少分？") == "number"
+    assert answer_type("比赛是什么时候举行的？") == "date"
+    assert answer_type("谁赢得了比赛？") == "person"
+    assert answer_type("超级碗在哪里举行？") == "place"
+    question = "On what date will Quill 1.0.0-alpha be released?"
+    spans = type_candidates("* Quill 1.0.0-alpha -- Friday, Jan 9, 2015", "date", question)
+    assert spans and all("1.0.0" not in "* Quill 1.0.0-alpha -- Friday, Jan 9, 2015"[a:b] for a, b in spans)
+    assert type_candidates("Quill is written in Rust.", "date", question) == []
+    assert question_terms(question) == ["quill", "alpha", "released"]  # "what date" names the type, not the topic
+
+
+def test_evidence_finds_the_date_line_with_offsets_into_the_passage():
+    q = prepare_question("On what date will Quill 1.0.0-alpha be released?", flat_doc_freqs)
+    passage = Passage(n=1, text=RELEASES, title="Quill 1.0: scheduling the trains")
+    a = assess(q, [passage])
+    top = select_evidence(a.scored, 3)
+    assert top[0].text == "* Quill 1.0.0-alpha -- Friday, Jan 9, 2015"
+    for e in top:
+        assert RELEASES[e.start:e.end] == e.text and e.n == 1
+        assert all(0 <= s < t <= len(e.text) for s, t in e.matches)
+    assert "alpha" in [top[0].text[s:t].lower() for s, t in top[0].matches]
+    assert a.answerability >= 0.5
+
+
+def test_evidence_prefers_the_sentence_with_the_asked_aspect():
+    text = ("The Malayan pangolin lives in the forests of Southeast Asia. The Malayan pangolin eats ants. "
+            "Its body is about 65 centimetres long, with a 56 centimetre tail. The Malayan pangolin is endangered.")
+    q = prepare_question("How long is the body of the Malayan pangolin?", flat_doc_freqs)
+    best = select_evidence(assess(q, [Passage(n=1, text=text)]).scored, 1)[0]
+    assert best.text.startswith("Its body is about 65")
+
+
+def test_unanswerable_with_related_documents_scores_lower():
+    related = Passage(n=1, text="The Broncos defeated the Panthers 24-10 in Super Bowl 50. Peyton Manning was the "
+                                "Broncos quarterback. The game was played at Levi's Stadium.")
+    answering = Passage(n=1, text="The Panthers defense gave up just 308 points during the regular season, ranking "
+                                  "sixth in the league.")
+    q = prepare_question("How many points did the Panthers defense surrender during the regular season?", flat_doc_freqs)
+    assert assess(q, [answering]).answerability > assess(q, [related]).answerability
+
+
+def test_bad_questions_and_passages_never_crash():
+    passage = Passage(n=1, text="Alpha is the first letter of the Greek alphabet.")
+    for question in ("what is it?", "???", "Ποιο είναι το πρώτο γράμμα;", "اين المكتبة؟", ""):
+        q = prepare_question(question, flat_doc_freqs)
+        a = assess(q, [passage])
+        assert 0.0 <= a.answerability <= 1.0 and select_evidence(a.scored) == []
+    q = prepare_question("which words repeat here", flat_doc_freqs)
+    giant = Passage(n=1, text=" ".join(["words repeat here and there"] * 500))
+    evidence = select_evidence(assess(q, [giant]).scored, 3)
+    assert evidence and all(len(e.text) <= 500 for e in evidence)
+    assert assess(q, []).answerability < 0.5
+
+
+def test_neighbouring_evidence_is_quoted_whole():
+    text = "Leaves are arranged in a spiral. Young trees have needle leaves 3 to 8 mm long. Old trees have scales."
+    q = prepare_question("What shape do the leaves of young and old trees have?", flat_doc_freqs)
+    evidence = select_evidence(assess(q, [Passage(n=1, text=text)]).scored, 3)
+    quotes = join_adjacent(evidence, {1: text})
+    assert len(quotes) < len(evidence)
+    for quote in quotes:
+        assert text[quote.start:quote.end] == quote.text
+        assert all(quote.text[a:b].strip() for a, b in quote.matches)
+
+
+# --- in the answer path, with fakes ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def releases_kb(make_kb, tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "quill-timeline.md").write_text("+++\ntitle = \"Quill 1.0: scheduling the trains\"\n+++\n\n" + RELEASES,
+                                            encoding="utf-8")
+    (docs / "tea.md").write_text("# Tea\n\nGreen tea is brewed at about eighty degrees for two minutes.\n", encoding="utf-8")
+    (docs / "zh.md").write_text("# 阳台种番茄\n\n番茄是喜光植物，每天至少需要六到八个小时的直射阳光。朝南的阳台最适合。\n", encoding="utf-8")
+
+    def make(**options):
+        kb = make_kb(**options)
+        kb.ingest([docs])
+        return kb
+    return make
+
+
+class NoModel:
+    """A generator that must not be used: extractive answers and refusals never load the chat model."""
+
+    model_id = "never"
+
+    @property
+    def n_ctx(self):
+        raise AssertionError("the chat model was loaded")
+
+    def stream(self, *args, **kwargs):
+        raise AssertionError("the chat model was used")
+
+    format_chat = count_tokens = truncate = stream
+
+
+def test_extractive_answer_quotes_the_evidence_without_the_model(releases_kb):
+    kb = releases_kb(generator=NoModel())
+    answer = kb.ask("On what date will Quill 1.0.0-alpha be released?", extractive=True)
+    assert answer.extractive and not answer.refused
+    assert "Jan 9, 2015" in answer.text and answer.text.rstrip().endswith("]")
+    cited = [s for s in answer.sources if s.cited]
+    assert cited and cited[0].path.endswith("quill-timeline.md")
+    data = answer.to_dict()
+    assert data["evidence"][0]["text"] == "* Quill 1.0.0-alpha -- Friday, Jan 9, 2015"
+    by_n = {s["n"]: s for s in data["sources"]}
+    for e in data["evidence"]:
+        assert by_n[e["n"]]["text"][e["start"]:e["end"]] == e["text"]
+
+
+def write_gguf(path, metadata):
+    """A minimal GGUF header (v3, no tensors) holding string and string-list metadata."""
+    def string(s):
+        b = s.encode()
+        return struct.pack("<Q", len(b)) + b
+    out = b"GGUF" + struct.pack("<IQQ", 3, 0, len(metadata))
+    for key, value in metadata.items():
+        out += string(key)
+        if isinstance(value, list):
+            out += struct.pack("<IIQ", 9, 8, len(value)) + b"".join(string(v) for v in value)
+        else:
+            out += struct.pack("<I", 8) + string(value)
+    path.write_bytes(out)
+    return path
+
+
+def test_a_question_in_a_language_the_model_does_not_write_gets_evidence(releases_kb, tmp_path):
+    english_only = write_gguf(tmp_path / "en-only.gguf", {"general.architecture": "llama", "general.languages": ["en"]})
+    kb = releases_kb(model=str(english_only))
+    answer = kb.ask("番茄每天需要多少小时的阳光？")
+    assert answer.extractive and "六到八个小时" in answer.text and "does not write" in answer.notice
+    # a model that declares Chinese, or declares nothing, or is declared by the user, is not forced
+    for metadata, declared in (({"general.architecture": "qwen2", "general.languages": ["en", "zh"]}, ""),
+                               ({"general.architecture": "llama"}, ""),
+                               ({"general.architecture": "llama", "general.languages": ["en"]}, "en,zh")):
+        model = write_gguf(tmp_path / "m.gguf", metadata)
+        kb = releases_kb(model=str(model), generator=FakeGenerator(), model_languages=declared)
+        kb.settings = kb.settings.replace(model=str(model))
+        assert not kb.ask("番茄每天需要多少小时的阳光？").extractive, metadata
+
+
+def test_an_unsupported_generated_answer_is_replaced_by_the_evidence(releases_kb):
+    made_up = FakeGenerator(reply="Quill 1.0.0-alpha ships on Christmas Eve 2031 from the Mars office [1].")
+    answer = releases_kb(generator=made_up).ask("On what date will Quill 1.0.0-alpha be released?")
+    assert answer.generated.startswith("According to [1],") and "Mars" in answer.generated
+    assert "Jan 9, 2015" in answer.text and "Mars" not in answer.text and answer.support < 0.75
+    assert "not supported" in answer.notice
+    faithful = FakeGenerator(reply="Quill 1.0.0-alpha is released on Friday, Jan 9, 2015 [1].")
+    answer = releases_kb(generator=faithful).ask("On what date will Quill 1.0.0-alpha be released?")
+    assert not answer.generated and "Friday, Jan 9, 2015" in answer.text and answer.support >= 0.75
+    stream = releases_kb(generator=made_up).ask_stream("On what date will Quill 1.0.0-alpha be released?")
+    streamed = "".join(stream)
+    assert "Mars" in streamed and "not supported" in streamed and stream.answer.text in streamed
+
+
+def test_the_model_sees_the_evidence_before_the_passages(releases_kb):
+    generator = FakeGenerator()
+    releases_kb(generator=generator, check_support=False).ask("On what date will Quill 1.0.0-alpha be released?")
+    prompt = generator.prompts[-1]
+    assert prompt.index("Quill 1.0.0-alpha -- Friday, Jan 9, 2015") < prompt.index("Documents:")
+    assert prompt.rstrip().endswith("According to [1],")
+
+
+def test_refusal_shows_the_closest_evidence(releases_kb):
+    answer = releases_kb(generator=NoModel()).ask("Which office does the Quill team work from in Berlin?")
+    assert answer.refused and answer.text == "The documents do not contain an answer to this question."
+    assert answer.evidence and answer.answerability < 0.5
+
+
+def test_cli_ask_shows_evidence_and_json(releases_kb, home, monkeypatch, fake_embedder):
+    import kb.api
+    from kb.cli import cli
+
+    releases_kb()
+    monkeypatch.setattr(kb.api, "SentenceTransformerEmbedder", lambda *a, **k: fake_embedder)
+    runner = CliRunner()
+    out = runner.invoke(cli, ["ask", "On what date will Quill 1.0.0-alpha be released?", "--kb", str(home),
+                              "--extractive"])
+    assert out.exit_code == 0, out.output
+    assert out.output.startswith("Quill 1.0.0-alpha -- Friday, Jan 9, 2015 [1]")
+    assert "Evidence:" in out.output and "* Quill 1.0.0-alpha -- Friday, Jan 9, 2015”" in out.output
+    data = json.loads(runner.invoke(cli, ["ask", "番茄每天需要多少小时的阳光？", "--kb", str(home), "--json",
+                                          "--extractive"]).output)
+    assert data["extractive"] and data["evidence"] and {"n", "text", "start", "end", "score"} <= set(data["evidence"][0])
