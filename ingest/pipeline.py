@@ -115,7 +115,7 @@ def run_ingest(
     emit({"event": "start", "files": len(todo), "unchanged": len(report.unchanged),
           "removed": len(report.removed) + len(vanished)})
     if todo:
-        store.vectors()  # load (and if need be repair) the cache now, so that each commit updates it in place
+        store.prepare_writes()
         _embed_and_store(store, embedder, todo, report, timings, chunk_overlap, batch_size,
                          checkpoint_seconds, emit)
     for path in vanished:

@@ -352,6 +352,8 @@ class AnswerStream:
             count += 1
             if first is None:
                 first = time.perf_counter()
+                if self._prefill[-1:] in (",", ":") and piece[:1].isalnum():
+                    piece = " " + piece  # "According to [1]," + "Alpha" reads "According to [1], Alpha"
             text = citations.feed(piece)
             if text:
                 parts.append(text)

@@ -17,7 +17,7 @@ from kb.generator import Generator
 from kb.prompting import persona_text, render_template, template_text
 from kb.text import unspaced_ratio
 from kb.retriever import CrossEncoderReranker, Filters, Reranker, Retriever, SearchResult
-from kb.store import Store, record_sources, write_lock
+from kb.store import Store, open_store, record_sources, store_exists
 from kb.types import Hit, IngestReport
 
 
@@ -73,14 +73,17 @@ class KnowledgeBase:
 
     def _open_store(self, *, create: bool = False) -> Store:
         if self._store is None:
-            self._store = Store(self.home, create=create)
+            self._store = open_store(self.home, self.settings.store, create=create)
         return self._store
+
+    def _has_store(self) -> bool:
+        return self._store is not None or store_exists(self.home, self.settings.store)
 
     @property
     def embedder(self) -> Embedder:
         if self._embedder is None:
             name = self.settings.embedding_model
-            if not name and (self.home / "kb.db").exists():
+            if not name and self._has_store():
                 info = self._open_store().model_info()
                 name = info["embedding_model"] if info else ""
             self._embedder = SentenceTransformerEmbedder(
@@ -115,8 +118,8 @@ class KnowledgeBase:
         from ingest.pipeline import run_ingest
 
         self.home.mkdir(parents=True, exist_ok=True)
-        with write_lock(self.home, timeout=wait, on_wait=on_wait):
-            store = self._open_store(create=True)
+        store = self._open_store(create=True)
+        with store.write_lock(timeout=wait, on_wait=on_wait):
             report = run_ingest(store, self.embedder, [str(p) for p in paths],
                                 chunk_overlap=self.settings.chunk_overlap, progress=progress)
             record_sources(self.home, [os.path.abspath(os.path.expanduser(str(p))) for p in paths
@@ -128,8 +131,8 @@ class KnowledgeBase:
         from ingest.discover import is_under
 
         target = os.path.abspath(os.path.expanduser(str(path)))
-        with write_lock(self.home, timeout=wait, on_wait=on_wait):
-            store = self._open_store()
+        store = self._open_store()
+        with store.write_lock(timeout=wait, on_wait=on_wait):
             paths = [d.path for d in store.documents_under(target) if is_under(d.path, target)]
             for p in paths:
                 store.delete_document(p)
@@ -211,7 +214,8 @@ class KnowledgeBase:
                 filters: Filters | None = None, persona: str | None = None, max_tokens: int | None = None,
                 temperature: float | None = None, seed: int | None = None, min_score: float | None = None,
                 extractive: bool | None = None, log: bool = True, history: list[dict] | None = None,
-                summary: str = "", conversation_id: int | None = None, on_done=None) -> AnswerStream:
+                summary: str = "", extra_system: str = "", conversation_id: int | None = None,
+                on_done=None) -> AnswerStream:
         from kb import history as history_log
 
         if not question or not question.strip():
@@ -259,6 +263,8 @@ class KnowledgeBase:
         timings["load_ms"] = round((time.perf_counter() - t) * 1000, 1)
         system = render_template("chat_system", self.config_home,
                                  persona=persona_text(persona if persona is not None else s.persona, self.config_home))
+        if extra_system:
+            system += "\n\n" + extra_system
         if summary:
             system += "\n\nSummary of the conversation so far: " + summary
         numbered = _renumber(usable)
@@ -311,8 +317,8 @@ class KnowledgeBase:
         return build_dataset(store, str(out), kind=kind, teacher=self.generator if kind != "continuation" else None,
                              progress=progress, limit=limit)
 
-    def chat(self, *, persona: str | None = None, resume: bool = False) -> "Chat":
-        """A multi-turn conversation; `resume=True` continues the most recent one."""
+    def chat(self, *, persona: str | None = None, resume: bool | int = False) -> "Chat":
+        """A multi-turn conversation; `resume=True` continues the most recent one, `resume=ID` that one."""
         from kb.chat import Chat
 
         return Chat(self, persona=persona, resume=resume)
@@ -321,30 +327,29 @@ class KnowledgeBase:
         """The most recent asks, newest first."""
         from kb.history import recent_asks
 
-        if not (self.home / "kb.db").exists():
+        if not self._has_store():
             return []
         return recent_asks(self._open_store(), limit)
 
     def status(self) -> dict:
         """Documents, chunks, embedding model, size on disk, last ingest."""
-        if not (self.home / "kb.db").exists():
-            return {"home": str(self.home), "documents": 0, "chunks": 0, "embedding_model": None,
-                    "size_bytes": 0, "last_ingest": None, "ingested": False}
+        if not self._has_store():
+            return {"home": str(self.home), "store": str(self.home / "kb.db"), "documents": 0, "chunks": 0,
+                    "embedding_model": None, "size_bytes": 0, "last_ingest": None, "ingested": False}
         store = self._open_store()
         docs, chunks = store.counts()
         info = store.model_info() or {}
         last = store.get_meta("last_ingest")
-        size = sum(f.stat().st_size for f in self.home.iterdir() if f.is_file())
-        by_type = dict(store.db.execute("SELECT file_type, count(*) FROM documents GROUP BY file_type").fetchall())
         return {
             "home": str(self.home),
+            "store": store.location,
             "documents": docs,
             "chunks": chunks,
-            "documents_by_type": by_type,
+            "documents_by_type": store.documents_by_type(),
             "embedding_model": info.get("embedding_model"),
             "dim": info.get("dim"),
             "max_tokens": info.get("max_tokens"),
-            "size_bytes": size,
+            "size_bytes": store.size_bytes(),
             "last_ingest": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(last))) if last else None,
             "ingested": chunks > 0,
         }

@@ -1,9 +1,19 @@
-"""Multi-turn conversations: follow-ups rewritten into standalone questions, old turns summarized, all kept in SQLite."""
+"""Multi-turn conversations: follow-ups rewritten into standalone questions, old turns summarized.
+
+`Chat` keeps its conversation in SQLite (kb chat, the web page); `answer_conversation` answers the last
+message of a conversation a client sends whole each time (the OpenAI-compatible API). Both use the same
+steps: rewrite the follow-up (`standalone_question`), fold turns beyond the history budget into a summary
+(`fit_history`), then kb's ask path with the history and summary in the prompt.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 from kb import history as log
 from kb.answer import Answer, AnswerStream
+from kb.errors import BadQuestion
 from kb.generator import complete
 from kb.prompting import persona_text, render_template
 
@@ -14,17 +24,90 @@ CONDENSE_TOKENS = 64
 SUMMARY_TOKENS = 160
 
 
+@dataclass
+class Turn:
+    role: str  # "user" or "assistant"
+    content: str
+
+
 def transcript(messages) -> str:
     return "\n".join(f"{'User' if m.role == 'user' else 'Assistant'}: {m.content}" for m in messages)
+
+
+def _fit(kb, text: str, share: float) -> str:
+    return kb.generator.truncate(text, int(kb.generator.n_ctx * share))
+
+
+def standalone_question(kb, messages, question: str) -> str:
+    """The follow-up `question` rewritten so that it can be understood without the conversation `messages`."""
+    if not messages:
+        return question
+    history = _fit(kb, transcript(messages[-4:]), 0.4)
+    prompt = render_template("condense", kb.config_home, history=history, question=question)
+    rewritten = complete(kb.generator, prompt, CONDENSE_TOKENS, seed=kb.settings.seed)
+    rewritten = rewritten.splitlines()[0].strip() if rewritten else ""
+    # A small model sometimes answers instead of rewriting, or returns nothing: keep the user's own
+    # words then, with the previous question for context, which retrieval handles well.
+    if not rewritten or len(rewritten) > 4 * len(question) + 200:
+        previous = next((m.content for m in reversed(messages) if m.role == "user"), "")
+        return f"{previous} {question}".strip()
+    return rewritten
+
+
+def fit_history(kb, messages, summary: str) -> tuple[int, str]:
+    """(how many of the oldest `messages` to fold, the new summary) so that the verbatim history stays
+    within its share of the context window; (0, summary) when it already does."""
+    generator = kb.generator
+    if len(messages) <= 2 * KEEP_TURNS or generator.count_tokens(transcript(messages)) <= generator.n_ctx * HISTORY_SHARE:
+        return 0, summary
+    older = messages[: len(messages) - 2 * KEEP_TURNS]
+    history = _fit(kb, (f"Earlier summary: {summary}\n" if summary else "") + transcript(older), 0.5)
+    prompt = render_template("summarize", kb.config_home, history=history)
+    return len(older), complete(generator, prompt, SUMMARY_TOKENS, seed=kb.settings.seed) or summary
+
+
+def prepare_conversation(kb, messages: list[dict]) -> dict:
+    """The arguments of kb's ask path for the last user message of `messages` ([{role, content}], as
+    OpenAI clients send them): the question, its standalone rewrite, the turns kept verbatim, the summary of
+    older ones, and the client's system messages. Uses the chat model, not the store."""
+    turns = [Turn(m["role"], m["content"]) for m in messages if m.get("role") in ("user", "assistant")]
+    if not turns or turns[-1].role != "user" or not turns[-1].content.strip():
+        raise BadQuestion("the conversation must end with a user message that asks something")
+    question, earlier = turns[-1].content, turns[:-1]
+    folded, summary = fit_history(kb, earlier, "")
+    kept = earlier[folded:]
+    return {"question": question, "standalone": standalone_question(kb, kept, question),
+            "history": [{"role": t.role, "content": t.content} for t in kept], "summary": summary,
+            "extra_system": "\n".join(m["content"] for m in messages if m.get("role") == "system" and m.get("content"))}
+
+
+def answer_conversation(kb, messages: list[dict], **options) -> AnswerStream:
+    """Answer the last user message of `messages`, the earlier turns being the conversation; the client's
+    system messages are added to kb's own system prompt. Nothing is stored but the ask log."""
+    return kb._answer(**prepare_conversation(kb, messages), **options)
 
 
 class Chat:
     """A conversation with the knowledge base. Use `stream(text)` or `ask(text)`, then `sources`."""
 
-    def __init__(self, kb, *, persona: str | None = None, resume: bool = False):
+    def __init__(self, kb, *, persona: str | None = None, resume: bool | int = False, store_lock=None):
+        """`store_lock` guards this conversation's use of the store (a server shares one connection among
+        threads); it is never held while the model works, so it cannot wait behind a generation."""
         self.kb = kb
+        self._lock = store_lock or contextlib.nullcontext()
+        with self._lock:
+            self._start(persona, resume)
+        self.last: Answer | None = None
+
+    def _start(self, persona, resume) -> None:
+        kb = self.kb
         store = kb._open_store()
-        conversation = log.last_conversation(store) if resume else None
+        if isinstance(resume, int) and not isinstance(resume, bool):
+            conversation = log.load_conversation(store, resume)
+            if conversation is None:
+                raise BadQuestion(f"no conversation {resume}", hint="GET /api/conversations lists them")
+        else:
+            conversation = log.last_conversation(store) if resume else None
         if conversation is None:
             name = persona if persona is not None else kb.settings.persona
             persona_text(name, kb.config_home)  # fail now on an unknown persona, not at the first question
@@ -32,7 +115,6 @@ class Chat:
         elif persona is not None:
             self.set_persona(persona, conversation=conversation)
         self.conversation = conversation
-        self.last: Answer | None = None
 
     @property
     def id(self) -> int:
@@ -53,64 +135,42 @@ class Chat:
 
     def reset(self) -> None:
         """Start a new conversation with the same persona; the old one stays in the log."""
-        self.conversation = log.new_conversation(self.kb._open_store(), self.persona)
+        with self._lock:
+            self.conversation = log.new_conversation(self.kb._open_store(), self.persona)
         self.last = None
-
-    def _complete(self, content: str, max_tokens: int) -> str:
-        return complete(self.kb.generator, content, max_tokens, seed=self.kb.settings.seed)
-
-    def _fit(self, text: str, share: float) -> str:
-        generator = self.kb.generator
-        return generator.truncate(text, int(generator.n_ctx * share))
-
-    def standalone(self, question: str) -> str:
-        """The follow-up `question` rewritten so that it can be understood without the conversation."""
-        messages = self.conversation.messages
-        if not messages:
-            return question
-        history = self._fit(transcript(messages[-4:]), 0.4)
-        prompt = render_template("condense", self.kb.config_home, history=history, question=question)
-        rewritten = self._complete(prompt, CONDENSE_TOKENS)
-        rewritten = rewritten.splitlines()[0].strip() if rewritten else ""
-        # A small model sometimes answers instead of rewriting, or returns nothing: keep the user's own
-        # words then, with the previous question for context, which retrieval handles well.
-        if not rewritten or len(rewritten) > 4 * len(question) + 200:
-            previous = next((m.content for m in reversed(messages) if m.role == "user"), "")
-            return f"{previous} {question}".strip()
-        return rewritten
-
-    def _summarize_if_needed(self) -> None:
-        generator = self.kb.generator
-        messages = self.conversation.messages
-        text = transcript(messages)
-        if len(messages) <= 2 * KEEP_TURNS or generator.count_tokens(text) <= generator.n_ctx * HISTORY_SHARE:
-            return
-        older = messages[: len(messages) - 2 * KEEP_TURNS]
-        history = (f"Earlier summary: {self.conversation.summary}\n" if self.conversation.summary else "")
-        history = self._fit(history + transcript(older), 0.5)
-        prompt = render_template("summarize", self.kb.config_home, history=history)
-        summary = self._complete(prompt, SUMMARY_TOKENS)
-        log.fold_into_summary(self.kb._open_store(), self.conversation, summary or self.conversation.summary,
-                              keep_last=2 * KEEP_TURNS)
 
     def stream(self, question: str, **options) -> AnswerStream:
         """Answer `question` in the context of the conversation; iterate for tokens."""
         if question and question.strip():
-            self._summarize_if_needed()
-        standalone = self.standalone(question) if question and question.strip() else question
+            folded, summary = fit_history(self.kb, self.conversation.messages, self.conversation.summary)
+            if folded:
+                with self._lock:
+                    log.fold_into_summary(self.kb._open_store(), self.conversation, summary,
+                                          keep_last=len(self.conversation.messages) - folded)
+        standalone = standalone_question(self.kb, self.conversation.messages, question) \
+            if question and question.strip() else question
         history = [{"role": m.role, "content": m.content} for m in self.conversation.messages]
 
         def remember(answer: Answer) -> None:
-            log.add_turn(self.kb._open_store(), self.conversation, question, answer)
+            with self._lock:
+                log.add_turn(self.kb._open_store(), self.conversation, question, answer)
             self.last = answer
 
         options.setdefault("persona", self.persona)
-        stream = self.kb._answer(question, standalone, history=history, summary=self.conversation.summary,
-                                 conversation_id=self.id, on_done=remember, **options)
-        return stream
+        log_asks = options.pop("log", True)
+
+        def done(answer: Answer) -> None:
+            remember(answer)
+            if log_asks:
+                with self._lock:
+                    log.log_ask(self.kb._open_store(), answer, conversation_id=self.id)
+
+        with self._lock:
+            return self.kb._answer(question, standalone, history=history, summary=self.conversation.summary,
+                                   conversation_id=self.id, on_done=done, log=False, **options)
 
     def ask(self, question: str, **options) -> Answer:
         return self.stream(question, **options).result()
 
 
-__all__ = ["Chat"]
+__all__ = ["Chat", "answer_conversation", "prepare_conversation", "standalone_question", "fit_history"]

@@ -682,6 +682,84 @@ def adapters_rm(name, home):
     click.echo(f"removed adapter {name}")
 
 
+# --- the server ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@HOME_OPTION
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback needs an API key (kb keys create).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@settings_options(MODEL, ANSWER, RETRIEVAL)
+@click.option("--queue", type=int, default=8, show_default=True,
+              help="Requests that may wait for the model; more are answered 429 with Retry-After.")
+@click.option("--max-upload-mb", type=int, default=100, show_default=True, help="Largest file an upload may be.")
+@click.option("--cors-origin", "cors_origins", multiple=True,
+              help="Allow browser pages from this origin to call the API (repeatable; default: none).")
+@translate_errors
+def serve(home, host, port, settings, queue, max_upload_mb, cors_origins):
+    """Serve the knowledge base: an OpenAI-compatible API at /v1, kb's API at /api, and a web page at /."""
+    from kb.serve import run
+
+    kb = _open(home, settings)
+    click.echo(f"kb serve: {kb.home} on http://{host}:{port}/ (OpenAI base URL http://{host}:{port}/v1)", err=True)
+    run(kb, host=host, port=port, queue=queue, max_upload_mb=max_upload_mb, cors_origins=list(cors_origins))
+
+
+@cli.group()
+def keys():
+    """API keys for kb serve: kb keys create NAME [--role read|write], kb keys list, kb keys revoke NAME."""
+
+
+@keys.command(name="create")
+@click.argument("name")
+@HOME_OPTION
+@click.option("--role", type=click.Choice(["read", "write"]), default="read", show_default=True,
+              help="read: ask and search; write: also add and delete documents.")
+@translate_errors
+def keys_create(name, home, role):
+    """Create an API key; it is shown once and stored only as a hash."""
+    from kb.config import kb_home
+    from kb.serve.keys import create_key
+
+    secret = create_key(kb_home(home), name, role)
+    click.echo(secret)
+    click.echo(f"Key {name!r} ({role}) created. It is shown only now: store it where the client can read it "
+               "(the openai client's api_key, Open WebUI's connection, the web page's key field).", err=True)
+
+
+@keys.command(name="list")
+@HOME_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@translate_errors
+def keys_list(home, as_json):
+    """List API keys (names and roles; the keys themselves are not stored)."""
+    from kb.config import kb_home
+    from kb.serve.keys import list_keys
+
+    found = list_keys(kb_home(home))
+    if as_json:
+        click.echo(json.dumps([k.__dict__ for k in found], indent=2))
+        return
+    if not found:
+        click.echo("No keys. kb serve answers only on this machine (127.0.0.1) until you create one.")
+    for k in found:
+        click.echo(f"{k.name:24} {k.role:6} created {time.strftime('%Y-%m-%d %H:%M', time.localtime(k.created_at))}")
+
+
+@keys.command(name="revoke")
+@click.argument("name")
+@HOME_OPTION
+@translate_errors
+def keys_revoke(name, home):
+    """Revoke an API key; a running server refuses it from the next request on."""
+    from kb.config import kb_home
+    from kb.serve.keys import revoke_key
+
+    revoke_key(kb_home(home), name)
+    click.echo(f"revoked key {name}")
+
+
 # --- the home --------------------------------------------------------------------------------------
 
 

@@ -53,6 +53,8 @@ def _between(low, high):
 
 # name -> (description, check). The type is the dataclass field's.
 SETTINGS_HELP: dict[str, tuple[str, object]] = {
+    "store": ("where the index lives: empty for SQLite + FAISS in the home, or a postgresql://USER:PASSWORD@HOST/DB URL",
+              None),
     "embedding_model": ("local sentence-transformers model folder (empty: the bundled all-MiniLM-L6-v2)", None),
     "chunk_overlap": ("tokens carried over between neighbouring chunks of one section", _at_least(0)),
     "embed_batch_size": ("texts per embedding batch", _at_least(1)),
@@ -84,6 +86,7 @@ SETTINGS_HELP: dict[str, tuple[str, object]] = {
 class Settings:
     """Every tunable of kb in one place. Each field can be set in `config.toml` or as KB_<FIELD>."""
 
+    store: str = ""  # empty: SQLite + FAISS in the home; or postgresql://...
     # embedding and chunking
     embedding_model: str = ""
     chunk_overlap: int = 32

@@ -238,9 +238,7 @@ def build_dataset(store, out: str | Path, *, kind: str = "both", teacher=None, p
             if example[0]["content"].startswith("Write "):
                 continue
             kept_questions.append(example[-2]["content"])
-    rows = store.db.execute(
-        "SELECT c.id, c.text, c.heading, d.title FROM chunks c JOIN documents d ON d.id = c.doc_id ORDER BY c.id"
-    ).fetchall()
+    rows = [(chunk_id, text, heading, title) for chunk_id, title, heading, text in store.iter_chunks()]
     if limit:
         rows = rows[:limit]
     stats = collections.Counter()

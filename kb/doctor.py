@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from kb.errors import DamagedIndex, Locked
-from kb.store import DB_NAME, INDEX_NAME, LOCK_NAME, Store, read_sources, write_lock
+from kb.store import read_sources
+from kb.store.sqlite import DB_NAME, INDEX_NAME, LOCK_NAME, SQLiteStore as Store, write_lock
 
 
 def check_home(home: Path, *, repair: bool = False, wait: float = 0.0, progress=None) -> dict:
@@ -98,7 +99,6 @@ def _rebuild(home: Path, note, progress) -> None:
 
 
 def _check_contents(home: Path, store: Store, repair: bool, wait: float, note) -> None:
-    db = store.db
     chunks, fts = store.counts()[1], store.fts_rows()
     if chunks != fts:
         if repair:
@@ -109,7 +109,7 @@ def _check_contents(home: Path, store: Store, repair: bool, wait: float, note) -
             note("full-text index", "problem", f"{chunks} chunks but {fts} full-text rows")
     else:
         note("full-text index", "ok", f"{fts} rows, one per chunk")
-    missing = db.execute("SELECT count(*) FROM chunks WHERE vector IS NULL").fetchone()[0]
+    missing = store.missing_vectors()
     note("vectors", "problem" if missing else "ok",
          f"{missing} chunks have no vector; re-ingest their files" if missing else "every chunk has its vector")
     info = store.model_info()

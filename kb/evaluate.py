@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kb.errors import KBError
-from kb.text import lcs_length, unspaced_ratio
+from kb.text import has_unspaced, lcs_length, unspaced_ratio
 
 
 @dataclass
@@ -190,10 +190,9 @@ def answer_scores(prediction: str, golds: list[str]) -> tuple[float, float]:
     """(exact match, F1) of `prediction` against the best-matching gold answer."""
     if not golds:
         return 0.0, 0.0
-    chinese = unspaced_ratio("".join(golds)) >= 0.5
     best_em = best_f1 = 0.0
     for gold in golds:
-        if chinese:
+        if has_unspaced(gold) or has_unspaced(prediction):  # CMRC's character level for Chinese
             p, g = _cjk_units(prediction), _cjk_units(gold)
             em = float(p == g)
             common = lcs_length(p, g) if p and g else 0
@@ -267,13 +266,14 @@ def _contains_units(text: str) -> str:
 def contains_gold(text: str, golds: list[str]) -> bool:
     """Whether a gold answer appears in `text` after normalization: whole words for spaced scripts,
     characters without punctuation or spaces (as CMRC scores) for Chinese."""
-    if not golds:
-        return False
-    if unspaced_ratio("".join(golds)) >= 0.5:
-        flat = "".join(_cjk_units(text))
-        return any("".join(_cjk_units(g)) and "".join(_cjk_units(g)) in flat for g in golds)
-    haystack = _contains_units(text)
-    return any(_contains_units(g).strip() and _contains_units(g) in haystack for g in golds)
+    for gold in golds:
+        if has_unspaced(gold) or has_unspaced(text):  # "1562年" in Chinese text: characters, not words
+            unit = "".join(_cjk_units(gold))
+            if unit and unit in "".join(_cjk_units(text)):
+                return True
+        elif _contains_units(gold).strip() and _contains_units(gold) in _contains_units(text):
+            return True
+    return False
 
 
 def eval_answers(path, *, limit: int | None = None, home=None, progress=None, on_question=None,

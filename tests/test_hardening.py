@@ -218,7 +218,7 @@ def test_deeply_nested_html_says_so(make_kb, tmp_path):
 HOLD_LOCK = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from kb.store import write_lock
+    from kb.store.sqlite import write_lock
     with write_lock(Path(sys.argv[1])):
         print("held", flush=True)
         time.sleep(float(sys.argv[2]))
@@ -279,7 +279,7 @@ def test_a_damaged_database_is_one_line_and_doctor_rebuilds_it(cli_kb, corpus, h
 
 
 def test_doctor_repairs_stale_cache_missing_full_text_and_forgotten_files(cli_kb, corpus, home):
-    from kb.store import Store
+    from kb.store.sqlite import SQLiteStore as Store
 
     assert cli_kb("ingest", str(corpus), "-q").exit_code == 0
     store = Store(home)
@@ -380,7 +380,7 @@ def test_an_interrupted_ask_is_not_logged(make_kb, corpus):
 
 
 def test_store_damage_raises_a_typed_error_naming_the_file(tmp_path):
-    from kb.store import Store
+    from kb.store.sqlite import SQLiteStore as Store
 
     (tmp_path / "kb.db").write_bytes(b"this is not a database" * 100)
     with pytest.raises(DamagedIndex) as e:

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import SHARED_DATA, FakeEmbedder
 from kb.errors import Locked, ModelMismatch, NotIngested
-from kb.store import Store, write_lock
+from kb.store.sqlite import SQLiteStore as Store, write_lock
 
 
 def _consistent(home: Path) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""The on-disk knowledge base: SQLite (documents, chunks, vectors, full-text, logs) plus a FAISS cache.
+"""The embedded store: SQLite (documents, chunks, vectors, full-text, logs) plus a FAISS cache, in the home.
 
 SQLite is the source of truth, vectors included. The FAISS file is a cache of those vectors, stamped with
 the `generation` of the database it reflects; when a crash leaves the two apart, opening the store brings
@@ -23,14 +23,14 @@ import numpy as np
 import sqlite_utils
 
 from kb.errors import DamagedIndex, Locked, ModelMismatch, NotIngested
-from kb.text import fts_query, has_unspaced, lexical_document
+from kb.store import Filters, StoredDocument, chunk_terms
+from kb.text import fts_query, has_unspaced
 from kb.types import Chunk, Hit
 
 SCHEMA_VERSION = 2
 DB_NAME = "kb.db"
 INDEX_NAME = "vectors.faiss"
 LOCK_NAME = "write.lock"
-SOURCES_NAME = "sources.json"  # the paths given to each ingest, kept outside the database: kb doctor rebuilds from it
 _INDEX_MAGIC = b"KBFAISS1"
 
 MIGRATIONS = []
@@ -127,11 +127,6 @@ def m004_chunk_embed_hash(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX idx_chunks_embed_hash ON chunks (embed_hash)")
 
 
-def chunk_terms(title: str | None, heading: str | None, text: str) -> str:
-    """What the full-text table holds for a chunk: its document title, heading path and text."""
-    return lexical_document(f"{title or ''}\n{heading or ''}\n{text}")
-
-
 @contextmanager
 def transaction(db: sqlite_utils.Database) -> Iterator[None]:
     """One atomic write. Needed explicitly: sqlite-utils' execute() commits every write made outside an open
@@ -164,16 +159,6 @@ def migrate(db: sqlite_utils.Database) -> None:
                 continue
             fn(db)
             db.execute("INSERT INTO _migrations VALUES (?, ?)", [fn.__name__, time.time()])
-
-
-@dataclass
-class StoredDocument:
-    id: int
-    path: str
-    hash: str
-    size: int
-    mtime: float
-    root: str
 
 
 class WriteLock:
@@ -308,12 +293,13 @@ class VectorIndex:
         return vi
 
 
-class Store:
-    """Documents, chunks and vectors of one knowledge base home."""
+class SQLiteStore:
+    """Documents, chunks, vectors, full-text terms, chats and the ask log of one home, in SQLite + FAISS."""
 
     def __init__(self, home: Path, *, create: bool = False):
         self.home = Path(home)
         self.db_path = self.home / DB_NAME
+        self.location = str(self.db_path)
         self.index_path = self.home / INDEX_NAME
         if not self.db_path.exists() and not create:
             raise NotIngested(f"no knowledge base at {self.home}")
@@ -602,18 +588,55 @@ class Store:
                 ).fetchone()[0]
         return total, {t: cache[t] for t in terms}
 
-    def lexical_search(self, match: str, k: int, allowed: set[int] | None = None) -> list[tuple[int, float]]:
-        """BM25 over the full-text table; scores are positive, higher is better."""
+    def _filter_sql(self, filters: Filters | None) -> tuple[str, list]:
+        """A WHERE clause over `documents d` for `filters`, and its parameters ("1" when none)."""
+        if filters is None or not filters.active():
+            return "1", []
+        where, params = [], []
+        if filters.glob:
+            where.append("d.path GLOB ?")
+            params.append(filters.glob)
+        for tag in filters.tags:
+            where.append("EXISTS (SELECT 1 FROM json_each(d.tags) WHERE lower(json_each.value) = lower(?))")
+            params.append(tag)
+        if filters.date_from:
+            where.append("d.date >= ?")
+            params.append(filters.date_from)
+        if filters.date_to:
+            where.append("d.date <= ?")
+            params.append(filters.date_to)
+        if filters.file_types:
+            types = filters.types
+            where.append(f"d.file_type IN ({','.join('?' * len(types))})")
+            params.extend(types)
+        return " AND ".join(where), params
+
+    def lexical_search(self, terms: list[str], k: int, filters: Filters | None = None) -> list[tuple[int, float]]:
+        """BM25 over the full-text table (FTS5); scores are positive, higher is better."""
+        match = fts_query(terms)
         if not match:
             return []
-        limit = k if allowed is None else max(k * 20, 200)
-        rows = self.db.execute(
-            "SELECT rowid, -bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts) LIMIT ?",
-            [match, limit],
-        ).fetchall()
-        if allowed is not None:
-            rows = [r for r in rows if r[0] in allowed]
-        return [(int(r[0]), float(r[1])) for r in rows[:k]]
+        if filters is None or not filters.active():
+            rows = self.db.execute(
+                "SELECT rowid, -bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts) LIMIT ?",
+                [match, k]).fetchall()
+        else:
+            where, params = self._filter_sql(filters)
+            rows = self.db.execute(
+                "SELECT f.rowid, -bm25(chunks_fts) FROM chunks_fts f JOIN chunks c ON c.id = f.rowid "
+                f"JOIN documents d ON d.id = c.doc_id WHERE chunks_fts MATCH ? AND {where} "
+                "ORDER BY bm25(chunks_fts) LIMIT ?", [match, *params, k]).fetchall()
+        return [(int(r[0]), float(r[1])) for r in rows]
+
+    def dense_search(self, vector: np.ndarray, k: int, filters: Filters | None = None) -> list[tuple[int, float]]:
+        """Inner product (cosine: unit vectors) over the FAISS cache, restricted to the filtered chunks."""
+        index = self.vectors()
+        if filters is None or not filters.active():
+            return index.search(vector, k)
+        where, params = self._filter_sql(filters)
+        allowed = {r[0] for r in self.db.execute(
+            f"SELECT c.id FROM chunks c JOIN documents d ON d.id = c.doc_id WHERE {where}", params).fetchall()}
+        return index.search_among(vector, k, allowed) if allowed else []
 
     def chunk_vectors(self, ids: list[int]) -> dict[int, np.ndarray]:
         """The stored embedding of each chunk id."""
@@ -660,8 +683,18 @@ class Store:
             return None
         return struct.unpack("<q", head[len(_INDEX_MAGIC):len(_INDEX_MAGIC) + 8])[0]
 
+    def list_documents(self) -> list[dict]:
+        """Every document: path, title, type, chunk count, date, when it was ingested."""
+        rows = self.db.execute("SELECT path, title, file_type, n_chunks, date, ingested_at, size FROM documents "
+                               "ORDER BY ingested_at DESC, path").fetchall()
+        return [{"path": r[0], "title": r[1] or "", "file_type": r[2], "chunks": r[3], "date": r[4],
+                 "ingested_at": r[5], "size": r[6]} for r in rows]
+
     def all_documents(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT path FROM documents ORDER BY path").fetchall()]
+
+    def missing_vectors(self) -> int:
+        return self.db.execute("SELECT count(*) FROM chunks WHERE vector IS NULL").fetchone()[0]
 
     def has_chunks(self) -> bool:
         # not count(*): that walks the whole table, a few ms at 100k chunks, on every search
@@ -684,6 +717,105 @@ class Store:
             )
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('last_ingest', ?)", [str(time.time())])
 
+    def documents_by_type(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT file_type, count(*) FROM documents GROUP BY file_type").fetchall())
+
+    def iter_chunks(self):
+        """(chunk id, document title, heading, text) of every chunk, in id order."""
+        yield from self.db.execute(
+            "SELECT c.id, d.title, c.heading, c.text FROM chunks c JOIN documents d ON d.id = c.doc_id ORDER BY c.id")
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.home.iterdir() if f.is_file())
+
+    def write_lock(self, *, timeout: float = 0.0, on_wait=None):
+        """The home's write lock (one writing process at a time), held for the `with` block."""
+        return write_lock(self.home, timeout=timeout, on_wait=on_wait)
+
+    def prepare_writes(self) -> None:
+        """Load (and if need be repair) the vector cache, so that each commit updates it in place."""
+        self.vectors()
+
+    # --- the ask log and conversations ------------------------------------------------------------
+
+    def log_ask(self, record: dict) -> int:
+        """Record one finished ask: question, standalone, answer, refused, sources, model, timings, conversation_id."""
+        row = dict(record, at=record.get("at", time.time()))
+        for key in ("sources", "timings"):
+            row[key] = json.dumps(row.get(key) or ([] if key == "sources" else {}), ensure_ascii=False)
+        row["refused"] = int(bool(row.get("refused")))
+        with transaction(self.db):
+            return self.db["asks"].insert(row).last_pk
+
+    def recent_asks(self, limit: int = 10) -> list[dict]:
+        rows = self.db.execute(
+            "SELECT id, at, question, answer, refused, sources, model, timings, conversation_id "
+            "FROM asks ORDER BY id DESC LIMIT ?", [limit]).fetchall()
+        return [{"id": r[0], "at": r[1], "question": r[2], "answer": r[3], "refused": bool(r[4]),
+                 "sources": json.loads(r[5] or "[]"), "model": r[6], "timings": json.loads(r[7] or "{}"),
+                 "conversation_id": r[8]} for r in rows]
+
+    def new_conversation(self, persona: str) -> int:
+        now = time.time()
+        with transaction(self.db):
+            return self.db["conversations"].insert(
+                {"started_at": now, "updated_at": now, "persona": persona, "summary": "", "title": ""}).last_pk
+
+    def last_conversation_id(self) -> int | None:
+        row = self.db.execute("SELECT id FROM conversations ORDER BY updated_at DESC, id DESC LIMIT 1").fetchone()
+        return row[0] if row else None
+
+    def conversation(self, conversation_id: int, *, summarized: bool = False) -> dict | None:
+        """{id, title, persona, summary, messages: [{role, content, sources, at}]}: the messages not folded into
+        the summary, or every message with `summarized`; None if there is no such conversation."""
+        row = self.db.execute("SELECT id, title, persona, summary FROM conversations WHERE id = ?",
+                              [conversation_id]).fetchone()
+        if row is None:
+            return None
+        condition = "" if summarized else " AND summarized = 0"
+        messages = [{"role": r[0], "content": r[1], "sources": json.loads(r[2] or "[]"), "at": r[3]}
+                    for r in self.db.execute("SELECT role, content, sources, at FROM messages WHERE conversation_id = ?"
+                                             f"{condition} ORDER BY id", [conversation_id]).fetchall()]
+        return {"id": row[0], "title": row[1] or "", "persona": row[2] or "", "summary": row[3] or "",
+                "messages": messages}
+
+    def add_turn(self, conversation_id: int, question: str, answer: str, sources: list[dict]) -> None:
+        now = time.time()
+        with transaction(self.db):
+            self.db["messages"].insert_all([
+                {"conversation_id": conversation_id, "role": "user", "content": question, "sources": "[]",
+                 "at": now, "summarized": 0},
+                {"conversation_id": conversation_id, "role": "assistant", "content": answer,
+                 "sources": json.dumps(sources, ensure_ascii=False), "at": now, "summarized": 0},
+            ])
+            self.db.execute(
+                "UPDATE conversations SET updated_at = ?, title = CASE WHEN title = '' THEN ? ELSE title END "
+                "WHERE id = ?", [now, question[:80], conversation_id])
+
+    def fold_into_summary(self, conversation_id: int, summary: str, keep_last: int) -> None:
+        """Mark all but the last `keep_last` unsummarized messages as summarized, and store the summary."""
+        ids = [r[0] for r in self.db.execute(
+            "SELECT id FROM messages WHERE conversation_id = ? AND summarized = 0 ORDER BY id", [conversation_id])]
+        folded = ids[: max(len(ids) - keep_last, 0)]
+        with transaction(self.db):
+            if folded:
+                self.db.execute(f"UPDATE messages SET summarized = 1 WHERE id IN ({','.join('?' * len(folded))})", folded)
+            self.db.execute("UPDATE conversations SET summary = ?, updated_at = ? WHERE id = ?",
+                            [summary, time.time(), conversation_id])
+
+    def set_persona(self, conversation_id: int, persona: str) -> None:
+        with transaction(self.db):
+            self.db.execute("UPDATE conversations SET persona = ? WHERE id = ?", [persona, conversation_id])
+
+    def list_conversations(self, limit: int = 50) -> list[dict]:
+        """The most recent conversations, newest first: id, title, persona, when, how many messages."""
+        rows = self.db.execute(
+            "SELECT c.id, c.title, c.persona, c.started_at, c.updated_at, "
+            "(SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) "
+            "FROM conversations c ORDER BY c.updated_at DESC, c.id DESC LIMIT ?", [limit]).fetchall()
+        return [{"id": r[0], "title": r[1] or "", "persona": r[2] or "", "started_at": r[3], "updated_at": r[4],
+                 "messages": r[5]} for r in rows]
+
     def close(self) -> None:
         self.db.conn.close()
 
@@ -692,23 +824,6 @@ class Store:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def read_sources(home: Path) -> list[str]:
-    """The paths ingested into `home` so far (files and folders, absolute), oldest first."""
-    try:
-        data = json.loads((Path(home) / SOURCES_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    return [p for p in data if isinstance(p, str)] if isinstance(data, list) else []
-
-
-def record_sources(home: Path, paths: list[str]) -> None:
-    """Add `paths` to the home's record of ingested paths (atomically)."""
-    known = read_sources(home)
-    merged = known + [p for p in paths if p not in known]
-    if merged != known:
-        _atomic_write(Path(home) / SOURCES_NAME, json.dumps(merged, ensure_ascii=False, indent=1).encode("utf-8"))
 
 
 @contextmanager

