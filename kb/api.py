@@ -81,6 +81,12 @@ class KnowledgeBase:
 
     @property
     def embedder(self) -> Embedder:
+        if self._embedder is None and self.settings.embed_url:
+            from kb.remote import RemoteEmbedder
+
+            s = self.settings
+            self._embedder = RemoteEmbedder(s.embed_url, api_key=s.embed_api_key, model=s.embed_model,
+                                            batch_size=s.embed_batch_size, timeout=s.llm_timeout)
         if self._embedder is None:
             name = self.settings.embedding_model
             if not name and self._has_store():
@@ -95,6 +101,12 @@ class KnowledgeBase:
     @property
     def generator(self) -> Generator:
         """The chat model: the bundled SmolLM2 GGUF unless `model` is set. Loaded once per process."""
+        if self._generator is None and self.settings.llm_url:
+            from kb.remote import RemoteGenerator
+
+            s = self.settings
+            self._generator = RemoteGenerator(s.llm_url, api_key=s.llm_api_key, model=s.llm_model, ctx=s.ctx,
+                                              timeout=s.llm_timeout)
         if self._generator is None:
             from kb.generator import LlamaGenerator, LlamaOptions, resolve_model
 
@@ -180,15 +192,21 @@ class KnowledgeBase:
         """None to generate; otherwise why the answer is the evidence itself ("" when the user asked for it)."""
         if extractive if extractive is not None else self.settings.extractive:
             return ""
-        if self._generator is not None and not hasattr(self._generator, "path"):
-            return None  # a generator given by the caller: its languages are the caller's business
-        from kb.generator import model_languages, resolve_model
         from kb.text import model_covers
 
-        path = resolve_model(self.settings.model or None)
-        if model_covers(model_languages(path, self.settings.model_languages), question):
+        declared = self.settings.model_languages
+        if self.settings.llm_url or (self._generator is not None and not hasattr(self._generator, "path")):
+            # a remote model, or a generator given by the caller: only a declared model_languages says more
+            languages = {x.strip().lower() for x in declared.split(",") if x.strip()} or None
+            name = "the chat model"
+        else:
+            from kb.generator import model_languages, resolve_model
+
+            path = resolve_model(self.settings.model or None)
+            languages, name = model_languages(path, declared), f"the chat model {path.name}"
+        if model_covers(languages, question):
             return None
-        return (f"The chat model {path.name} does not write this question's language; "
+        return (f"{name[0].upper()}{name[1:]} does not write this question's language; "
                 "the answer is the evidence itself, quoted from your documents.")
 
     def assess(self, question: str, result: SearchResult) -> tuple[Assessment, list[Passage]]:
@@ -280,7 +298,8 @@ class KnowledgeBase:
 
         # The reply is started for the model ("According to [") so that even a small model cites a passage.
         prefill = render_template("answer_prefix_zh" if unspaced_ratio(question) >= 0.5 else "answer_prefix", self.config_home,
-                                  first=ranked[0].n if ranked else 1).rstrip("\n")
+                                  first=ranked[0].n if ranked else 1).rstrip("\n") \
+            if getattr(generator, "supports_prefill", True) else ""  # a chat API starts the reply itself
         t = time.perf_counter()
         for evidence_lines in (len(ranked), 1, 0):  # a tiny context window gets fewer evidence lines first
             try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from kb.errors import KBError
-from kb.options import ANSWER, MODEL, RETRIEVAL, filter_options, settings_options
+from kb.options import ANSWER, EMBEDDING, MODEL, RETRIEVAL, STORE, filter_options, settings_options
 
 HOME_OPTION = click.option(
     "--kb", "home", envvar="KB_HOME", type=click.Path(file_okay=False),
@@ -158,18 +158,18 @@ def waiting(pid) -> None:
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @HOME_OPTION
-@click.option("--embedding-model", help="Local sentence-transformers model folder (default: bundled all-MiniLM-L6-v2).")
+@settings_options(STORE, EMBEDDING)
 @WAIT_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @translate_errors
-def ingest(paths, home, embedding_model, wait, as_json, quiet):
+def ingest(paths, home, settings, wait, as_json, quiet):
     """Index files and folders (md, txt, rst, html, pdf, docx), incrementally.
 
     Unchanged files are skipped, changed files replaced, files deleted from an ingested folder removed.
     Exits non-zero only when nothing could be ingested.
     """
-    kb = _open(home, embedding_model=embedding_model)
+    kb = _open(home, settings)
     report = kb.ingest(list(paths), progress=ProgressPrinter(quiet or as_json), wait=wait, on_wait=waiting)
     if as_json:
         click.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
@@ -182,11 +182,12 @@ def ingest(paths, home, embedding_model, wait, as_json, quiet):
 @cli.command()
 @click.argument("path", type=click.Path())
 @HOME_OPTION
+@settings_options(STORE)
 @WAIT_OPTION
 @translate_errors
-def forget(path, home, wait):
+def forget(path, home, settings, wait):
     """Remove a document (or every document under a folder) from the index."""
-    removed = _open(home).forget(path, wait=wait, on_wait=waiting)
+    removed = _open(home, settings).forget(path, wait=wait, on_wait=waiting)
     if not removed:
         _fail(f"no ingested document at {path}", "`kb status` shows what is indexed")
     click.echo(f"removed {len(removed)} document(s)")
@@ -205,7 +206,7 @@ def hit_location(hit) -> str:
 @cli.command()
 @click.argument("query")
 @HOME_OPTION
-@settings_options(RETRIEVAL)
+@settings_options(STORE, EMBEDDING, RETRIEVAL)
 @filter_options
 @click.option("--json", "as_json", is_flag=True, help="Print hits as JSON.")
 @translate_errors
@@ -290,7 +291,7 @@ def print_answer_stream(stream, *, live: bool) -> None:
 @cli.command()
 @click.argument("question")
 @HOME_OPTION
-@settings_options(MODEL, ANSWER, RETRIEVAL)
+@settings_options(STORE, EMBEDDING, MODEL, ANSWER, RETRIEVAL)
 @filter_options
 @click.option("--no-stream", is_flag=True, help="Print the answer only when it is complete.")
 @click.option("--json", "as_json", is_flag=True,
@@ -314,7 +315,7 @@ def _chat_error(e: KBError) -> None:
 
 @cli.command()
 @HOME_OPTION
-@settings_options(MODEL, ANSWER, RETRIEVAL)
+@settings_options(STORE, EMBEDDING, MODEL, ANSWER, RETRIEVAL)
 @filter_options
 @click.option("--continue", "resume", is_flag=True, help="Resume the most recent conversation.")
 @translate_errors
@@ -369,12 +370,13 @@ def chat(home, settings, filters, resume):
 
 @cli.command(name="log")
 @HOME_OPTION
+@settings_options(STORE)
 @click.option("-n", "limit", type=int, default=10, show_default=True, help="How many recent asks.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @translate_errors
-def log_command(home, limit, as_json):
+def log_command(home, settings, limit, as_json):
     """Recent questions with their answers, sources, model and timings."""
-    entries = _open(home).log(limit)
+    entries = _open(home, settings).log(limit)
     if as_json:
         click.echo(json.dumps(entries, ensure_ascii=False, indent=2))
         return
@@ -690,7 +692,7 @@ def adapters_rm(name, home):
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; anything but loopback needs an API key (kb keys create).")
 @click.option("--port", type=int, default=8000, show_default=True)
-@settings_options(MODEL, ANSWER, RETRIEVAL)
+@settings_options(STORE, EMBEDDING, MODEL, ANSWER, RETRIEVAL)
 @click.option("--queue", type=int, default=8, show_default=True,
               help="Requests that may wait for the model; more are answered 429 with Retry-After.")
 @click.option("--max-upload-mb", type=int, default=100, show_default=True, help="Largest file an upload may be.")
@@ -765,11 +767,12 @@ def keys_revoke(name, home):
 
 @cli.command()
 @HOME_OPTION
+@settings_options(STORE)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @translate_errors
-def status(home, as_json):
+def status(home, settings, as_json):
     """Documents, chunks, embedding model, index size, last ingest."""
-    info = _open(home).status()
+    info = _open(home, settings).status()
     if as_json:
         click.echo(json.dumps(info, ensure_ascii=False, indent=2))
         return

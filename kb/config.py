@@ -56,6 +56,9 @@ SETTINGS_HELP: dict[str, tuple[str, object]] = {
     "store": ("where the index lives: empty for SQLite + FAISS in the home, or a postgresql://USER:PASSWORD@HOST/DB URL",
               None),
     "embedding_model": ("local sentence-transformers model folder (empty: the bundled all-MiniLM-L6-v2)", None),
+    "embed_url": ("an OpenAI-compatible server that embeds instead (its /v1/embeddings), e.g. http://gpu-box:8080/v1", None),
+    "embed_model": ("the model name to ask the embedding server for (empty: the first it lists)", None),
+    "embed_api_key": ("the embedding server's API key (better set as KB_EMBED_API_KEY than in a file)", None),
     "chunk_overlap": ("tokens carried over between neighbouring chunks of one section", _at_least(0)),
     "embed_batch_size": ("texts per embedding batch", _at_least(1)),
     "embed_precision": ("bulk embedding precision: auto (bf16 where the CPU has it natively), fp32, bf16",
@@ -64,6 +67,11 @@ SETTINGS_HELP: dict[str, tuple[str, object]] = {
     "top_k": ("passages to retrieve", _at_least(1)),
     "reranker": ("local CrossEncoder model folder to rerank with (empty: none)", None),
     "model": ("chat model: a GGUF file (empty: the bundled SmolLM2-135M-Instruct)", None),
+    "llm_url": ("an OpenAI-compatible server that generates instead (its /v1/chat/completions), e.g. http://gpu-box:8080/v1",
+                None),
+    "llm_model": ("the model name to ask the server for (empty: the first it lists)", None),
+    "llm_api_key": ("the model server's API key (better set as KB_LLM_API_KEY than in a file)", None),
+    "llm_timeout": ("seconds to wait for the model server", _at_least(1.0)),
     "ctx": ("context window in tokens", _at_least(64)),
     "threads": ("CPU threads (0: all cores)", _at_least(0)),
     "gpu_layers": ("layers to offload to the GPU (needs a GPU build of llama-cpp-python)", _at_least(-1)),
@@ -89,6 +97,9 @@ class Settings:
     store: str = ""  # empty: SQLite + FAISS in the home; or postgresql://...
     # embedding and chunking
     embedding_model: str = ""
+    embed_url: str = ""
+    embed_model: str = ""
+    embed_api_key: str = ""
     chunk_overlap: int = 32
     embed_batch_size: int = 64
     embed_precision: str = "auto"
@@ -98,6 +109,10 @@ class Settings:
     reranker: str = ""
     # generation
     model: str = ""
+    llm_url: str = ""
+    llm_model: str = ""
+    llm_api_key: str = ""
+    llm_timeout: float = 120.0
     ctx: int = 2048
     threads: int = 0
     gpu_layers: int = 0

@@ -21,8 +21,18 @@ class Option:
     is_flag: bool = False
 
 
+STORE = (
+    Option("store", ("--store",), str, "Where the index lives: a postgresql://... URL (default: SQLite in the home)."),
+)
+EMBEDDING = (
+    Option("embedding_model", ("--embedding-model",), str, "Local sentence-transformers model folder (default: bundled all-MiniLM-L6-v2)."),
+    Option("embed_url", ("--embed-url",), str, "Embed with an OpenAI-compatible server instead (its base URL, e.g. http://host:8080/v1)."),
+    Option("embed_model", ("--embed-model",), str, "Model name to ask the embedding server for (default: the first it lists)."),
+)
 MODEL = (
     Option("model", ("--model",), str, "Chat model: a GGUF file (default: the bundled SmolLM2-135M-Instruct)."),
+    Option("llm_url", ("--llm-url",), str, "Generate with an OpenAI-compatible server instead (its base URL, e.g. http://host:8080/v1; key from KB_LLM_API_KEY)."),
+    Option("llm_model", ("--llm-model",), str, "Model name to ask the server for (default: the first it lists)."),
     Option("ctx", ("--ctx",), int, "Context window in tokens (default 2048)."),
     Option("threads", ("--threads",), int, "CPU threads (default: all cores)."),
     Option("gpu_layers", ("--gpu-layers",), int, "Layers to offload to the GPU (needs a GPU build of llama-cpp-python)."),
@@ -43,7 +53,7 @@ RETRIEVAL = (
     Option("search_mode", ("--mode",), click.Choice(["dense", "lexical", "hybrid"]), "Retrieval mode (default hybrid)."),
     Option("reranker", ("--reranker",), click.Path(exists=True, file_okay=False), "Local CrossEncoder model folder to rerank with."),
 )
-ALL = MODEL + ANSWER + RETRIEVAL
+ALL = STORE + EMBEDDING + MODEL + ANSWER + RETRIEVAL
 
 
 def settings_options(*groups: tuple[Option, ...]):
@@ -96,4 +106,5 @@ def filter_options(fn):
         wrapper = click.option(*o.flags, "filter_" + o.setting, multiple=o.setting in _REPEATABLE,
                                help=o.help)(wrapper)
     return wrapper
-__all__ = ["Option", "MODEL", "ANSWER", "RETRIEVAL", "FILTERS", "ALL", "settings_options", "filter_options"]
+__all__ = ["Option", "STORE", "EMBEDDING", "MODEL", "ANSWER", "RETRIEVAL", "FILTERS", "ALL", "settings_options",
+           "filter_options"]
