@@ -15,13 +15,20 @@ FILE_TYPES = {
     ".htm": "html",
     ".pdf": "pdf",
     ".docx": "docx",
+    ".png": "image",
+    ".jpg": "image",
+    ".jpeg": "image",
+    ".tif": "image",
+    ".tiff": "image",
+    ".webp": "image",
+    ".bmp": "image",
 }
 
 
 # Larger files are skipped with a reason: no real note, page or manual comes near these, and reading one
 # whole (a log file named .txt, a disk image named .pdf) would stall an ingest.
 MAX_BYTES = {"markdown": 64 << 20, "text": 64 << 20, "rst": 64 << 20, "html": 64 << 20,
-             "pdf": 1 << 30, "docx": 512 << 20}
+             "pdf": 1 << 30, "docx": 512 << 20, "image": 256 << 20}
 
 
 @dataclass

@@ -19,7 +19,6 @@ import numpy as np
 
 from ingest.chunk import PreparedChunk, chunk_document
 from ingest.discover import Candidate, discover
-from ingest.parse import parse_file
 from kb.embedder import Embedder
 from kb.errors import KBError
 from kb.store import Store
@@ -62,10 +61,16 @@ def run_ingest(
     batch_size: int = 256,
     checkpoint_seconds: float = 30.0,
     progress: ProgressFn | None = None,
+    ocr: bool = True,
+    workers: int = 1,
+    parse_timeout: float = 600.0,
 ) -> IngestReport:
+    """Make the index match `paths`. `workers`: processes that parse PDF, Word, HTML and image files (0: all
+    in this process); `parse_timeout`: seconds one such file may take; `ocr`: read scans and images."""
     started = time.time()
     report = IngestReport()
-    timings = {"discover": 0.0, "hash": 0.0, "parse": 0.0, "chunk": 0.0, "embed": 0.0, "store": 0.0}
+    timings = {"discover": 0.0, "hash": 0.0, "parse": 0.0, "chunk": 0.0, "embed": 0.0, "store": 0.0,
+               "pages": 0, "ocr_pages": 0, "ocr": 0.0}
     emit = progress or (lambda event: None)
 
     t = time.perf_counter()
@@ -117,7 +122,7 @@ def run_ingest(
     if todo:
         store.prepare_writes()
         _embed_and_store(store, embedder, todo, report, timings, chunk_overlap, batch_size,
-                         checkpoint_seconds, emit)
+                         checkpoint_seconds, emit, ocr=ocr, workers=workers, parse_timeout=parse_timeout)
     for path in vanished:
         store.delete_document(path)
         report.removed.append(path)
@@ -128,42 +133,70 @@ def run_ingest(
 
     report.seconds = time.time() - started
     report.timings = {k: round(v, 3) for k, v in timings.items()}
+    report.timings["parse_workers"] = workers
     store.log_ingest(started, [os.path.abspath(p) for p in paths], report.to_dict())
     emit({"event": "done", "report": report})
     return report
 
 
+RICH_TYPES = {"pdf", "docx", "html", "image"}  # parsed in worker processes; plain text is cheaper inline
+
+
+def _apply(work: _Work, result, timings: dict) -> None:
+    work.doc, work.chunks, work.error = result.doc, result.chunks, result.error
+    timings["parse"] += result.parse_s
+    timings["chunk"] += result.chunk_s
+    stats = getattr(result.doc, "stats", None) or {}
+    timings["pages"] += stats.get("pages", 0)
+    timings["ocr_pages"] += stats.get("ocr_pages", 0)
+    timings["ocr"] += stats.get("ocr_s", 0.0)
+
+
 def _produce(todo: list[_Work], embedder: Embedder, overlap: int, out: queue.Queue, timings: dict,
-             stop: threading.Event) -> None:
+             stop: threading.Event, ocr: bool, workers: int, parse_timeout: float, emit) -> None:
+    from ingest.workers import ParsePool, Task, parse_and_chunk
+
     tokenizer = embedder.tokenizer
-    for work in todo:
+    rich = [w for w in todo if w.candidate.file_type in RICH_TYPES] if workers else []
+    pooled = {id(w) for w in rich}
+
+    def run_pool() -> None:
+        pool = ParsePool(workers, tokenizer, embedder.max_tokens, overlap, ocr=ocr, timeout=parse_timeout)
+        tasks = [Task(i, w.candidate.path, w.candidate.file_type) for i, w in enumerate(rich)]
+        for message in pool.run(tasks):
+            if stop.is_set():
+                break
+            if message[0] == "page":
+                _, index, done, total, ocr_pages = message
+                emit({"event": "parsing", "path": rich[index].candidate.path, "page": done, "pages": total,
+                      "ocr_pages": ocr_pages})
+                continue
+            work = rich[message[1].index]
+            _apply(work, message[1], timings)
+            out.put(work)
+
+    pool_thread = threading.Thread(target=run_pool, daemon=True) if rich else None
+    if pool_thread:
+        pool_thread.start()
+    for index, work in enumerate(todo):
         if stop.is_set():
             break
-        t = time.perf_counter()
-        try:
-            work.doc = parse_file(work.candidate.path, work.candidate.file_type)
-        except KBError as e:
-            work.error = str(e) + (f" ({e.hint})" if e.hint else "")
-        except Exception as e:  # a parser bug on one hostile file must not stop ten thousand others
-            work.error = f"parser error: {type(e).__name__}: {e}"
-        timings["parse"] += time.perf_counter() - t
-        if work.doc is not None:
-            t = time.perf_counter()
-            try:
-                work.chunks = chunk_document(work.doc, tokenizer, embedder.max_tokens, overlap)
-                if not work.chunks:
-                    work.error = "no text to index after parsing"
-            except Exception as e:
-                work.error = f"chunking error: {type(e).__name__}: {e}"
-            timings["chunk"] += time.perf_counter() - t
+        if id(work) in pooled:
+            continue
+        task = Task(index, work.candidate.path, work.candidate.file_type)
+        _apply(work, parse_and_chunk(task, tokenizer, embedder.max_tokens, overlap, ocr), timings)
         out.put(work)
+    if pool_thread:
+        pool_thread.join()
     out.put(None)
 
 
-def _embed_and_store(store, embedder, todo, report, timings, overlap, batch_size, checkpoint_seconds, emit):
+def _embed_and_store(store, embedder, todo, report, timings, overlap, batch_size, checkpoint_seconds, emit, *,
+                     ocr: bool, workers: int, parse_timeout: float):
     q: queue.Queue = queue.Queue(maxsize=64)
     stop = threading.Event()
-    producer = threading.Thread(target=_produce, args=(todo, embedder, overlap, q, timings, stop), daemon=True)
+    producer = threading.Thread(target=_produce, daemon=True,
+                                args=(todo, embedder, overlap, q, timings, stop, ocr, workers, parse_timeout, emit))
     producer.start()
     pending: list[tuple[_Work, int]] = []  # documents waiting for their vectors, with their first row in `texts`
     texts: list[str] = []

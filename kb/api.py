@@ -132,8 +132,10 @@ class KnowledgeBase:
         self.home.mkdir(parents=True, exist_ok=True)
         store = self._open_store(create=True)
         with store.write_lock(timeout=wait, on_wait=on_wait):
-            report = run_ingest(store, self.embedder, [str(p) for p in paths],
-                                chunk_overlap=self.settings.chunk_overlap, progress=progress)
+            s = self.settings
+            report = run_ingest(store, self.embedder, [str(p) for p in paths], chunk_overlap=s.chunk_overlap,
+                                progress=progress, ocr=s.ocr, parse_timeout=s.parse_timeout,
+                                workers=s.parse_workers or max(1, (os.cpu_count() or 2) - 1))
             record_sources(self.home, [os.path.abspath(os.path.expanduser(str(p))) for p in paths
                                        if os.path.exists(os.path.expanduser(str(p)))])
             return report

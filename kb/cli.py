@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from kb.errors import KBError
-from kb.options import ANSWER, EMBEDDING, MODEL, RETRIEVAL, STORE, filter_options, settings_options
+from kb.options import ANSWER, EMBEDDING, INGEST, MODEL, RETRIEVAL, STORE, filter_options, settings_options
 
 HOME_OPTION = click.option(
     "--kb", "home", envvar="KB_HOME", type=click.Path(file_okay=False),
@@ -113,6 +113,13 @@ class ProgressPrinter:
         if self.quiet:
             return
         kind = event["event"]
+        if kind == "parsing":  # a long PDF: its pages, so that a big file never looks stuck
+            now = time.monotonic()
+            if self.tty or now - self.last >= 5 or event["page"] == event["pages"]:
+                self.last = now
+                ocr = f" ({event['ocr_pages']} by OCR)" if event["ocr_pages"] else ""
+                status_line(f"{os.path.basename(event['path'])}: page {event['page']}/{event['pages']}{ocr}", self.tty)
+            return
         if kind == "start":
             click.echo(
                 f"{event['files']} files to index ({event['unchanged']} unchanged, {event['removed']} removed)",
@@ -158,13 +165,13 @@ def waiting(pid) -> None:
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @HOME_OPTION
-@settings_options(STORE, EMBEDDING)
+@settings_options(STORE, EMBEDDING, INGEST)
 @WAIT_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @translate_errors
 def ingest(paths, home, settings, wait, as_json, quiet):
-    """Index files and folders (md, txt, rst, html, pdf, docx), incrementally.
+    """Index files and folders (md, txt, rst, html, pdf, docx, and images by OCR), incrementally.
 
     Unchanged files are skipped, changed files replaced, files deleted from an ingested folder removed.
     Exits non-zero only when nothing could be ingested.

@@ -63,6 +63,11 @@ SETTINGS_HELP: dict[str, tuple[str, object]] = {
     "embed_batch_size": ("texts per embedding batch", _at_least(1)),
     "embed_precision": ("bulk embedding precision: auto (bf16 where the CPU has it natively), fp32, bf16",
                         _choice("auto", "fp32", "bf16")),
+    "ocr": ("read scanned PDF pages and image files with OCR", None),
+    "parse_workers": ("processes that parse PDF, Word, HTML and image files (0: one per core but one)", _at_least(0)),
+    "parse_timeout": ("seconds one file may take to parse before it is reported and skipped", _at_least(1.0)),
+    "embed_device": ("where the embedding model runs: auto (a CUDA GPU when torch sees one), cpu, cuda",
+                     _choice("auto", "cpu", "cuda")),
     "search_mode": ("retrieval mode", _choice("dense", "lexical", "hybrid")),
     "top_k": ("passages to retrieve", _at_least(1)),
     "reranker": ("local CrossEncoder model folder to rerank with (empty: none)", None),
@@ -103,6 +108,10 @@ class Settings:
     chunk_overlap: int = 32
     embed_batch_size: int = 64
     embed_precision: str = "auto"
+    embed_device: str = "auto"
+    ocr: bool = True
+    parse_workers: int = 0
+    parse_timeout: float = 600.0
     # retrieval
     search_mode: str = "hybrid"
     top_k: int = 5

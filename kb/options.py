@@ -29,6 +29,10 @@ EMBEDDING = (
     Option("embed_url", ("--embed-url",), str, "Embed with an OpenAI-compatible server instead (its base URL, e.g. http://host:8080/v1)."),
     Option("embed_model", ("--embed-model",), str, "Model name to ask the embedding server for (default: the first it lists)."),
 )
+INGEST = (
+    Option("ocr", ("--ocr",), bool, "Read scanned PDF pages and images with OCR (default: on).", True),
+    Option("parse_workers", ("--workers",), int, "Processes that parse PDF, Word, HTML and image files (default: one per core but one)."),
+)
 MODEL = (
     Option("model", ("--model",), str, "Chat model: a GGUF file (default: the bundled SmolLM2-135M-Instruct)."),
     Option("llm_url", ("--llm-url",), str, "Generate with an OpenAI-compatible server instead (its base URL, e.g. http://host:8080/v1; key from KB_LLM_API_KEY)."),
@@ -53,7 +57,7 @@ RETRIEVAL = (
     Option("search_mode", ("--mode",), click.Choice(["dense", "lexical", "hybrid"]), "Retrieval mode (default hybrid)."),
     Option("reranker", ("--reranker",), click.Path(exists=True, file_okay=False), "Local CrossEncoder model folder to rerank with."),
 )
-ALL = STORE + EMBEDDING + MODEL + ANSWER + RETRIEVAL
+ALL = STORE + EMBEDDING + INGEST + MODEL + ANSWER + RETRIEVAL
 
 
 def settings_options(*groups: tuple[Option, ...]):
@@ -106,5 +110,5 @@ def filter_options(fn):
         wrapper = click.option(*o.flags, "filter_" + o.setting, multiple=o.setting in _REPEATABLE,
                                help=o.help)(wrapper)
     return wrapper
-__all__ = ["Option", "STORE", "EMBEDDING", "MODEL", "ANSWER", "RETRIEVAL", "FILTERS", "ALL", "settings_options",
+__all__ = ["Option", "STORE", "EMBEDDING", "INGEST", "MODEL", "ANSWER", "RETRIEVAL", "FILTERS", "ALL", "settings_options",
            "filter_options"]

@@ -24,6 +24,7 @@ class ParsedDocument:
     sections: list[Section]
     metadata: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)  # pages, ocr_pages, ocr_s (PDFs and images)
 
 
 @dataclass

@@ -148,7 +148,7 @@ def corpus(tmp_path):
         "+++\ntitle = \"Gamma\"\ndate = 2022-06-01\ntags = [\"physics\"]\n+++\n\nGamma rays are photons of very high energy.\n",
         encoding="utf-8",
     )
-    (root / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (root / "archive.zip").write_bytes(b"PK\x03\x04")  # a type kb does not read
     (root / ".git").mkdir()
     (root / ".git" / "HEAD.md").write_text("ref: refs/heads/main\n")
     return root

@@ -38,7 +38,7 @@ def test_ingest_then_search(make_kb, corpus):
     kb = make_kb()
     report = kb.ingest([corpus])
     assert sorted(Path(p).name for p in report.added) == ["alpha.md", "beta.txt", "gamma.md"]
-    assert report.skipped and all(p.endswith("image.png") for p in report.skipped)
+    assert report.skipped and all(p.endswith("archive.zip") for p in report.skipped)
     assert not any(".git" in p for p in report.added + report.skipped)
     assert report.chunks >= 3 and not report.failed
     hits = kb.search("significance level in statistics", k=3)

@@ -151,7 +151,7 @@ def test_uploads_jobs_and_deletes(served):
     with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         files = [("files", ("../../../etc/evil.md", b"# Evil\n\nThe volcano note says magma rises.\n", "text/markdown")),
                  ("files", ("empty.txt", b"", "text/plain")),
-                 ("files", ("picture.png", b"\x89PNG", "image/png"))]
+                 ("files", ("archive.zip", b"PK\x03\x04", "application/zip"))]
         reply = client.post("/api/documents", files=files).json()
         saved = [Path(p) for p in reply["saved"]]
         uploads = (kb.home / "uploads").resolve()

@@ -15,7 +15,8 @@ from sse_starlette.sse import EventSourceResponse
 from kb.serve.app import MAX_MESSAGE_CHARS, ApiError, AskRequest, SearchRequest, safe_upload_name, stream_in_thread
 from kb.serve.state import upload_folder
 
-UPLOAD_TYPES = {".md", ".markdown", ".txt", ".rst", ".html", ".htm", ".pdf", ".docx"}
+UPLOAD_TYPES = {".md", ".markdown", ".txt", ".rst", ".html", ".htm", ".pdf", ".docx", ".png", ".jpg", ".jpeg", ".tif",
+                ".tiff", ".webp", ".bmp"}
 
 
 def register(app: FastAPI, state, auth) -> None:

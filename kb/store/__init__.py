@@ -57,7 +57,8 @@ class Filters:
         return [_FILE_TYPE_ALIASES.get(t.lower().lstrip("."), t.lower()) for t in self.file_types]
 
 
-_FILE_TYPE_ALIASES = {"md": "markdown", "markdown": "markdown", "txt": "text", "htm": "html"}
+_FILE_TYPE_ALIASES = {"md": "markdown", "markdown": "markdown", "txt": "text", "htm": "html", "png": "image",
+                      "jpg": "image", "jpeg": "image", "tif": "image", "tiff": "image", "webp": "image", "bmp": "image"}
 
 
 def chunk_terms(title: str | None, heading: str | None, text: str) -> str:
