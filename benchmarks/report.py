@@ -21,7 +21,8 @@ def print_sections(result: dict) -> None:
 
 def run_child(cmd: list[str], **kw) -> tuple[float, float, subprocess.CompletedProcess]:
     """(wall seconds, peak RSS in MB of this child alone, result): the child is reaped with wait4, whose
-    resource usage is that process's own, not the largest of all children so far."""
+    resource usage is that process's own, not the largest of all children so far. `result.cpu_s` is the CPU
+    time of the child and of the processes it waited for (its parsing workers): cpu_s / wall = cores used."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, **kw)
@@ -31,6 +32,7 @@ def run_child(cmd: list[str], **kw) -> tuple[float, float, subprocess.CompletedP
         out.seek(0)
         err.seek(0)
         result = subprocess.CompletedProcess(cmd, proc.returncode, out.read().decode(), err.read().decode())
+        result.cpu_s = usage.ru_utime + usage.ru_stime
     if result.returncode != 0:
         sys.stderr.write(result.stderr[-3000:])
     return wall, usage.ru_maxrss / 1024, result

@@ -94,7 +94,7 @@ class KnowledgeBase:
                 name = info["embedding_model"] if info else ""
             self._embedder = SentenceTransformerEmbedder(
                 name or None, batch_size=self.settings.embed_batch_size, threads=self.settings.threads,
-                precision=self.settings.embed_precision,
+                precision=self.settings.embed_precision, device=self.settings.embed_device,
             )
         return self._embedder
 
@@ -108,19 +108,26 @@ class KnowledgeBase:
             self._generator = RemoteGenerator(s.llm_url, api_key=s.llm_api_key, model=s.llm_model, ctx=s.ctx,
                                               timeout=s.llm_timeout)
         if self._generator is None:
-            from kb.generator import LlamaGenerator, LlamaOptions, resolve_model
+            from kb.generator import LlamaGenerator, LlamaOptions
 
             s = self.settings
+            model = self.model_path()
             lora = None
             if s.adapter:
                 from kb.adapters import resolve_adapter
 
-                lora = str(resolve_adapter(self.config_home, s.adapter, resolve_model(s.model or None)))
-            self._generator = LlamaGenerator(s.model or None, options=LlamaOptions(
+                lora = str(resolve_adapter(self.config_home, s.adapter, model))
+            self._generator = LlamaGenerator(model, options=LlamaOptions(
                 n_ctx=s.ctx, n_threads=s.threads, n_gpu_layers=s.gpu_layers, seed=s.seed,
                 lora_path=lora, lora_scale=s.adapter_scale, verbose=s.verbose,
             ))
         return self._generator
+
+    def model_path(self) -> Path:
+        """The chat model's GGUF file: the `model` setting as a path or a name from `kb models`, or the bundled one."""
+        from kb.generator import resolve_model
+
+        return resolve_model(self.settings.model or None, self.config_home, self.settings.model_paths)
 
     # --- write side -----------------------------------------------------------------------------
 
@@ -202,9 +209,9 @@ class KnowledgeBase:
             languages = {x.strip().lower() for x in declared.split(",") if x.strip()} or None
             name = "the chat model"
         else:
-            from kb.generator import model_languages, resolve_model
+            from kb.generator import model_languages
 
-            path = resolve_model(self.settings.model or None)
+            path = self.model_path()
             languages, name = model_languages(path, declared), f"the chat model {path.name}"
         if model_covers(languages, question):
             return None

@@ -573,8 +573,12 @@ def dataset_check(file, home, fix_out, model, ctx, as_json):
     from kb.dataset import check_dataset, fix_dataset
     from kb.generator import LlamaGenerator, LlamaOptions
 
-    settings = Settings.load(kb_home(home), model=model, ctx=ctx)
-    generator = LlamaGenerator(settings.model or None, options=LlamaOptions(n_ctx=settings.ctx))
+    home_dir = kb_home(home)
+    settings = Settings.load(home_dir, model=model, ctx=ctx)
+    from kb.generator import resolve_model
+
+    generator = LlamaGenerator(resolve_model(settings.model or None, home_dir, settings.model_paths),
+                               options=LlamaOptions(n_ctx=settings.ctx))
     report = check_dataset(file, generator.count_tokens, settings.ctx)
     if fix_out:
         report["fixed"] = fix_dataset(file, fix_out, generator.count_tokens, settings.ctx)
@@ -767,6 +771,104 @@ def keys_revoke(name, home):
 
     revoke_key(kb_home(home), name)
     click.echo(f"revoked key {name}")
+
+
+# --- models ------------------------------------------------------------------------------------------
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def _params(n: int | None) -> str:
+    if not n:
+        return "?"
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+@cli.group(invoke_without_command=True)
+@HOME_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_context
+@translate_errors
+def models(ctx, home, as_json):
+    """GGUF chat models on this machine (bundled, the kb home, Ollama, LM Studio, GPT4All, the Hugging Face
+    cache); `kb models pull URL`, `kb models rm NAME`, `kb models default NAME`. A listed name works as --model."""
+    if ctx.invoked_subcommand:
+        return
+    from kb.config import Settings, kb_home
+    from kb.models import discover
+
+    home_dir = kb_home(home)
+    found = discover(home_dir, Settings.load(home_dir).model_paths)
+    if as_json:
+        click.echo(json.dumps([m.to_dict() for m in found], ensure_ascii=False, indent=2))
+        return
+    click.echo(f"{'name':36} {'size':>8} {'arch':10} {'quant':8} {'params':>6} {'context':>7} {'template':8} "
+               f"{'languages':12} source")
+    for m in found:
+        if m.error:
+            click.echo(f"{m.name[:36]:36} {_size(m.size):>8} unreadable: {m.error}  ({m.path})")
+            continue
+        click.echo(f"{m.name[:36]:36} {_size(m.size):>8} {m.architecture[:10]:10} {m.quantization[:8]:8} "
+                   f"{_params(m.parameters):>6} {m.context_length or '?':>7} {'yes' if m.chat_template else 'no':8} "
+                   f"{','.join(m.languages or ['?'])[:12]:12} {m.source}")
+    click.echo('Use one with: kb ask "..." --model NAME (or kb models default NAME).', err=True)
+
+
+@models.command(name="pull")
+@click.argument("url")
+@HOME_OPTION
+@click.option("--name", help="Name to save it under (default: the file name in the URL).")
+@click.option("--sha256", help="Expected sha256; the download is refused if it differs.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds without data before giving up.")
+@translate_errors
+def models_pull(url, home, name, sha256, timeout):
+    """Download a GGUF model (https:// or hf://OWNER/REPO/FILE.gguf) into the kb home; resumes a stopped download."""
+    from kb.config import kb_home
+    from kb.models import pull
+
+    tty = sys.stderr.isatty()
+    last = [0.0]
+
+    def progress(done, total):
+        now = time.monotonic()
+        if tty or now - last[0] > 5 or done == total:
+            last[0] = now
+            share = f" ({100 * done / total:.0f}%)" if total else ""
+            status_line(f"downloaded {_size(done)}{f' of {_size(total)}' if total else ''}{share}", tty)
+
+    info = pull(kb_home(home), url, name=name, sha256=sha256, timeout=timeout, progress=progress)
+    if tty:
+        click.echo("", err=True)
+    click.echo(f"pulled {info.name}: {_size(info.size)}, {info.architecture} {info.quantization}, "
+               f"context {info.context_length}; use it with --model {info.name}")
+
+
+@models.command(name="rm")
+@click.argument("name")
+@HOME_OPTION
+@translate_errors
+def models_rm(name, home):
+    """Delete a model that `kb models pull` downloaded (never any other file)."""
+    from kb.config import kb_home
+    from kb.models import remove
+
+    click.echo(f"removed {remove(kb_home(home), name)}")
+
+
+@models.command(name="default")
+@click.argument("name")
+@HOME_OPTION
+@translate_errors
+def models_default(name, home):
+    """Make NAME (from `kb models`, or a GGUF path) the chat model in the home's config.toml."""
+    from kb.config import Settings, kb_home
+    from kb.models import set_default
+
+    home_dir = kb_home(home)
+    path = set_default(home_dir, name, Settings.load(home_dir).model_paths)
+    click.echo(f"model = {name} ({path}) in {home_dir / 'config.toml'}")
 
 
 # --- the home --------------------------------------------------------------------------------------

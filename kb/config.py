@@ -71,7 +71,8 @@ SETTINGS_HELP: dict[str, tuple[str, object]] = {
     "search_mode": ("retrieval mode", _choice("dense", "lexical", "hybrid")),
     "top_k": ("passages to retrieve", _at_least(1)),
     "reranker": ("local CrossEncoder model folder to rerank with (empty: none)", None),
-    "model": ("chat model: a GGUF file (empty: the bundled SmolLM2-135M-Instruct)", None),
+    "model": ("chat model: a GGUF file or a name from `kb models` (empty: the bundled SmolLM2-135M-Instruct)", None),
+    "model_paths": ("more folders where `kb models` looks for GGUF files, comma-separated", None),
     "llm_url": ("an OpenAI-compatible server that generates instead (its /v1/chat/completions), e.g. http://gpu-box:8080/v1",
                 None),
     "llm_model": ("the model name to ask the server for (empty: the first it lists)", None),
@@ -118,6 +119,7 @@ class Settings:
     reranker: str = ""
     # generation
     model: str = ""
+    model_paths: str = ""
     llm_url: str = ""
     llm_model: str = ""
     llm_api_key: str = ""

@@ -131,13 +131,14 @@ class SentenceTransformerEmbedder:
     """A local sentence-transformers model folder; the heavy libraries load on first use."""
 
     def __init__(self, name: str | None = None, *, batch_size: int = 64, threads: int = 0,
-                 precision: str = "auto"):
+                 precision: str = "auto", device: str = "auto"):
         self.model_id, self.folder = resolve_embedder(name)
         self.batch_size = batch_size
         self.threads = threads
         if precision not in ("auto", "fp32", "bf16"):
             raise ModelNotFound(f"unknown embedding precision {precision!r}", hint="use auto, fp32 or bf16")
         self.precision = precision
+        self.device_setting = device
         self._model = None
         config = json.loads((self.folder / "config.json").read_text())
         st_config = self.folder / "sentence_bert_config.json"
@@ -169,13 +170,30 @@ class SentenceTransformerEmbedder:
 
             if self.threads:
                 torch.set_num_threads(self.threads)
+            device = self.device
             try:
-                self._model = SentenceTransformer(str(self.folder), device="cpu")
+                self._model = SentenceTransformer(str(self.folder), device=device)
             except Exception as e:  # a broken folder surfaces as many different exception types
                 raise ModelNotFound(f"cannot load embedding model from {self.folder}: {e}") from e
+            if device == "cuda":
+                self._model.half()  # fp16 on the GPU: twice the throughput, vectors within rounding of fp32
             get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
             self.dim = get_dim()
         return self._model
+
+    @cached_property
+    def device(self) -> str:
+        """Where bulk embedding runs: a CUDA GPU when torch sees one (embed_device auto or cuda), else the CPU."""
+        if self.device_setting == "cpu":
+            return "cpu"
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+        if self.device_setting == "cuda":
+            raise ModelNotFound("embed_device is cuda, but torch sees no CUDA GPU",
+                                hint="install a CUDA build of torch on a machine with an NVIDIA GPU, or use embed_device = auto")
+        return "cpu"
 
     @cached_property
     def use_bf16(self) -> bool:
@@ -185,6 +203,8 @@ class SentenceTransformerEmbedder:
         cosine 0.99996 of the float32 one. Weights stay float32; query vectors stay float32 too (numpy).
         Without native support bf16 is emulated and slower, so "auto" means float32 there.
         """
+        if self.device != "cpu":
+            return False  # the GPU runs fp16 instead
         if self.precision != "auto":
             return self.precision == "bf16"
         import torch
@@ -202,10 +222,11 @@ class SentenceTransformerEmbedder:
         import torch
 
         context = torch.autocast("cpu", dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
+        batch = self.batch_size * 4 if self.device == "cuda" else self.batch_size
         with context:
             vecs = model.encode(
                 list(texts),
-                batch_size=self.batch_size,
+                batch_size=batch,
                 normalize_embeddings=True,
                 convert_to_numpy=True,
                 show_progress_bar=False,

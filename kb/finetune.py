@@ -230,7 +230,7 @@ def finetune(home: Path, data: str | Path | None, config: TrainConfig, *, resume
     if not data:
         raise KBError("no training data given", hint="kb finetune DATA.jsonl --name NAME")
     data = Path(data).resolve()
-    base = resolve_model(config.base or None)
+    base = resolve_model(config.base or None, home)
     meta = gguf_metadata(base)
     check_architecture(meta, base)
     examples = read_examples(data).examples

@@ -77,13 +77,20 @@ def bundled_model_path() -> Path:
     return path
 
 
-def resolve_model(model: str | os.PathLike | None) -> Path:
-    """The GGUF file to load: `model` if given, else the bundled one. Checks it is a GGUF file."""
+def resolve_model(model: str | os.PathLike | None, home: Path | None = None, extra: str = "") -> Path:
+    """The GGUF file to load: `model` if it is a path, else a model name from `kb models` (looked up with
+    `home`), else the bundled one when `model` is empty. Checks it is a GGUF file."""
     if not model:
         return bundled_model_path()
     path = Path(model).expanduser()
     if not path.exists():
-        raise ModelNotFound(f"model file not found: {path}", hint="pass the path of a .gguf file to --model")
+        if home is not None and not str(model).endswith(".gguf"):
+            from kb.models import resolve_name
+
+            path = resolve_name(home, str(model), extra)
+        else:
+            raise ModelNotFound(f"model file not found: {path}",
+                                hint="pass the path of a .gguf file, or a name from `kb models`, to --model")
     if not path.is_file():
         raise ModelNotFound(f"{path} is a folder, not a model file", hint="pass the path of a .gguf file to --model")
     with path.open("rb") as f:

@@ -188,3 +188,25 @@ def postgres_url(postgres_server):
     yield url
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def write_gguf(path: Path, metadata: dict, *, pad_to: int = 0) -> Path:
+    """A minimal valid GGUF (version 3, no tensors): strings, string lists and integers (as uint32)."""
+    import struct
+
+    def string(s: str) -> bytes:
+        b = s.encode()
+        return struct.pack("<Q", len(b)) + b
+
+    out = b"GGUF" + struct.pack("<IQQ", 3, 0, len(metadata))
+    for key, value in metadata.items():
+        out += string(key)
+        if isinstance(value, list):
+            out += struct.pack("<IIQ", 9, 8, len(value)) + b"".join(string(v) for v in value)
+        elif isinstance(value, int):
+            out += struct.pack("<II", 4, value)
+        else:
+            out += struct.pack("<I", 8) + string(value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(out + b"\0" * max(0, pad_to - len(out)))
+    return path

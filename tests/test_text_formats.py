@@ -88,15 +88,16 @@ def test_html_title_and_headings(tmp_path):
 
 
 def test_pdf_without_text_layer_says_so(tmp_path):
-    from pypdf import PdfWriter
+    import pypdfium2 as pdfium
 
-    w = PdfWriter()
-    w.add_blank_page(width=200, height=200)
+    doc = pdfium.PdfDocument.new()
+    doc.new_page(200, 200)
     f = tmp_path / "scan.pdf"
-    with open(f, "wb") as fh:
-        w.write(fh)
+    doc.save(str(f))
     with pytest.raises(EmptyDocument, match="no text layer"):
-        parse_file(f, "pdf")
+        parse_file(f, "pdf")  # OCR ran and found nothing either
+    with pytest.raises(EmptyDocument, match="no text layer"):
+        parse_file(f, "pdf", ocr=False)
 
 
 def test_corrupt_pdf_is_refused(tmp_path):
