@@ -119,33 +119,14 @@ def synthetic_search(n_chunks: int, queries: int = 100) -> dict:
 
     from kb.api import KnowledgeBase
     from kb.embedder import BUNDLED_EMBEDDER_ID
-    from kb.store import Store, chunk_terms
+    from kb.store import open_store
+    from synthetic import fill_store
 
     corpus = SyntheticCorpus(seed=0)
     home = Path(tempfile.mkdtemp(prefix="kb-bench-"))
-    store = Store(home, create=True)
+    store = open_store(home, create=True)
     store.bind_model(BUNDLED_EMBEDDER_ID, 384, 254, 32)
-    per_doc = 20
-    with store.db.conn:
-        for d in range(n_chunks // per_doc):
-            store.db.execute(
-                "INSERT INTO documents (id, path, root, file_type, title, hash, size, mtime, metadata, tags, n_chunks) "
-                "VALUES (?, ?, '/', 'markdown', ?, '', 0, 0, '{}', '[]', ?)",
-                [d + 1, f"/synthetic/{d}.md", f"Doc {d}", per_doc],
-            )
-        texts = []
-        for start in range(0, n_chunks, 10_000):
-            batch = corpus.chunks(min(10_000, n_chunks - start))
-            vecs = corpus.vectors(len(batch))
-            store.db.conn.executemany(
-                "INSERT INTO chunks (id, doc_id, ord, text, heading, n_tokens, vector) VALUES (?, ?, ?, ?, '', 0, ?)",
-                [(start + i + 1, (start + i) // per_doc + 1, (start + i) % per_doc, t, v.tobytes())
-                 for i, (t, v) in enumerate(zip(batch, vecs))])
-            store.db.conn.executemany("INSERT INTO chunks_fts (rowid, terms) VALUES (?, ?)",
-                                      [(start + i + 1, chunk_terms("", "", t)) for i, t in enumerate(batch)])
-            texts.extend(batch[:: max(1, len(batch) // queries)])
-        store._bump_generation()
-    store.save_vectors()
+    texts = fill_store(store, corpus, n_chunks, per_doc=20)
     store.close()
     kb = KnowledgeBase(home)
     rng = np.random.default_rng(1)

@@ -46,3 +46,32 @@ class SyntheticCorpus:
         tokens = text.split()
         picks = rng.choice(len(tokens), size=min(words, len(tokens)), replace=False)
         return " ".join(tokens[i] for i in sorted(picks))
+
+
+def fill_store(store, corpus: SyntheticCorpus, n_chunks: int, *, per_doc: int = 50, progress=None) -> list[str]:
+    """Put `n_chunks` synthetic chunks into `store` through the store protocol (as an ingest with vectors
+    given would), `per_doc` per document, one document per transaction. Every tenth document carries the
+    tag `t0` .. `t9` of its number, for filtered searches that keep a tenth. Returns sample texts (for
+    queries)."""
+    from kb.types import Chunk
+
+    samples: list[str] = []
+    docs = n_chunks // per_doc
+    batch_docs = max(1, 10_000 // per_doc)
+    for first in range(0, docs, batch_docs):
+        count = min(batch_docs, docs - first)
+        texts = corpus.chunks(count * per_doc)
+        vectors = corpus.vectors(count * per_doc)
+        samples.append(texts[0])
+        for i in range(count):
+            d = first + i
+            part = slice(i * per_doc, (i + 1) * per_doc)
+            store.replace_document(path=f"/synthetic/{d:07d}.md", root="/synthetic", file_type="markdown",
+                                   title=f"Document {d}", file_hash=f"{d:016x}", size=0, mtime=0.0,
+                                   metadata={"tags": [f"t{d % 10}"]},
+                                   chunks=[Chunk(text=t, ord=j) for j, t in enumerate(texts[part])],
+                                   vectors=vectors[part])
+        if progress:
+            progress((first + count) * per_doc)
+    store.save_vectors()
+    return samples

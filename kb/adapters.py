@@ -120,5 +120,29 @@ def resolve_adapter(home: Path, name: str, base_model: Path) -> Path:
     return gguf
 
 
-__all__ = ["AdapterMismatch", "UnsupportedModel", "adapters_dir", "file_sha256", "list_adapters",
-           "remove_adapter", "resolve_adapter", "SUPPORTED_ARCHITECTURES"]
+_WARNED: set[str] = set()
+
+
+def warn_if_prompt_changed(home: Path, name: str) -> None:
+    """A `rag` adapter learned kb's answer prompt as it was: say so (once) if the templates changed since."""
+    import logging
+
+    candidate = Path(name).expanduser()
+    card_path = candidate.with_suffix(".json") if candidate.suffix == ".gguf" else adapters_dir(home) / f"{name}.json"
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if card.get("kind") != "rag" or not card.get("prompt_template_sha256") or name in _WARNED:
+        return
+    from kb.dataset import prompt_template_hash
+
+    if card["prompt_template_sha256"] != prompt_template_hash(home):
+        _WARNED.add(name)
+        logging.getLogger("kb").warning(
+            "adapter %s was trained on kb's answer prompt as it was; the prompt templates changed since, so it may "
+            "answer worse: train it again (kb dataset build --kind rag, then kb finetune)", name)
+
+
+__all__ = ["AdapterMismatch", "UnsupportedModel", "adapters_dir", "file_sha256", "list_adapters", "remove_adapter",
+           "resolve_adapter", "warn_if_prompt_changed", "SUPPORTED_ARCHITECTURES"]

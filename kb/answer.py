@@ -142,6 +142,8 @@ def support(body: str, question: str, sources: list[Source]) -> float:
 
 
 _CITATION_MARK = re.compile(r"\[\s*\d+(?:\s*[,;]\s*\d+)*\s*\]")
+# kb's refusal, as a model (a retrieval-aware adapter is trained to) writes it: the answer is a refusal
+_REFUSES = re.compile(r"^\W*(the )?documents? do(es)? not contain (an |the )?answer|^\W*文档中没有", re.I)
 _FRAMING = re.compile(r"^\s*(?:according to|based on)\b|^\s*根据", re.I)
 
 
@@ -161,6 +163,17 @@ class Packed:
     max_tokens: int
     hits: list[Hit]
     texts: list[str]  # each kept passage's text, the last one possibly cut
+    messages: list[dict] = field(default_factory=list)  # the chat messages `prompt` renders (before the prefill)
+
+
+@dataclass
+class AnswerPrompt:
+    """kb's answer prompt for one question: packed passages, the start of the reply, sources, evidence shown."""
+
+    packed: Packed
+    prefill: str
+    sources: list[Source]
+    evidence: list[Evidence]
 
 
 MIN_ANSWER_TOKENS = 16
@@ -215,7 +228,8 @@ def pack_passages(generator: Generator, hits: list[Hit], build: Callable[[str, i
         )
     while True:
         passages = "\n\n".join(format_passage(i + 1, h, t) for i, (h, t) in enumerate(zip(kept, texts)))
-        prompt = generator.format_chat(build(passages, len(kept))) + prefill
+        messages = build(passages, len(kept))
+        prompt = generator.format_chat(messages) + prefill
         prompt_tokens = generator.count_tokens(prompt)
         if prompt_tokens + answer_room <= n_ctx:
             break
@@ -228,7 +242,7 @@ def pack_passages(generator: Generator, hits: list[Hit], build: Callable[[str, i
         kept.pop()
         texts.pop()
     return Packed(prompt=prompt, prompt_tokens=prompt_tokens, max_tokens=min(answer_room, n_ctx - prompt_tokens),
-                  hits=kept, texts=texts)
+                  hits=kept, texts=texts, messages=messages)
 
 
 # --- citations ------------------------------------------------------------------------------------
@@ -374,7 +388,11 @@ class AnswerStream:
             s.cited = s.n in citations.cited
         self.timings["citations_removed"] = sorted(citations.removed)
         text = tidy("".join(parts))
-        if self._fallback:
+        if _REFUSES.search(_CITATION_MARK.sub("", _FRAMING.sub("", text))[:200]):  # the model says the passages lack it
+            self.refused, text = True, refusal_text(self.question)
+            for s in self.sources:
+                s.cited = False
+        elif self._fallback:
             self._support = round(support(_FRAMING.sub("", text), self.standalone, self.sources), 4)
             if self._support < SUPPORTED:
                 self._generated, text, self.notice = text, self._fallback, UNSUPPORTED_NOTICE

@@ -23,7 +23,6 @@ from kb.types import Hit, IngestReport
 
 # A passage that holds none of the question's terms still goes to the model when it is this close in meaning.
 SIMILAR_PASSAGE = 0.35
-MAX_PASSAGES = 99
 
 
 def _renumber(usable: list[tuple[Passage, Hit]]) -> dict[int, int]:
@@ -114,9 +113,10 @@ class KnowledgeBase:
             model = self.model_path()
             lora = None
             if s.adapter:
-                from kb.adapters import resolve_adapter
+                from kb.adapters import resolve_adapter, warn_if_prompt_changed
 
                 lora = str(resolve_adapter(self.config_home, s.adapter, model))
+                warn_if_prompt_changed(self.config_home, s.adapter)
             self._generator = LlamaGenerator(model, options=LlamaOptions(
                 n_ctx=s.ctx, n_threads=s.threads, n_gpu_layers=s.gpu_layers, seed=s.seed,
                 lora_path=lora, lora_scale=s.adapter_scale, verbose=s.verbose,
@@ -274,9 +274,7 @@ class KnowledgeBase:
             closest = [Source.from_hit(p.n, h, assessment.passage_coverage[p.n]) for p, h in zip(passages, hits)]
             return AnswerStream(sources=closest, refused=True, model="", pieces=None, text=refusal_text(question),
                                 evidence=assessment.evidence(3), **common)
-        # The model sees only passages that hold some of the question's terms or are close in meaning.
-        usable = [(p, h) for p, h in zip(passages, hits)
-                  if assessment.passage_coverage[p.n] > 0 or (p.similarity or 0.0) >= SIMILAR_PASSAGE][:MAX_PASSAGES]
+        usable = self.usable_passages(assessment, passages, hits)
         if notice is not None:
             numbered = _renumber(usable)
             sources = [Source.from_hit(numbered[p.n], h, assessment.passage_coverage[p.n]) for p, h in usable]
@@ -288,6 +286,42 @@ class KnowledgeBase:
         t = time.perf_counter()
         n_ctx = generator.n_ctx  # loads the model
         timings["load_ms"] = round((time.perf_counter() - t) * 1000, 1)
+        t = time.perf_counter()
+        prompt = self.answer_prompt(question, standalone, assessment, usable, persona=persona, history=history,
+                                    summary=summary, extra_system=extra_system, max_tokens=max_tokens)
+        timings["pack_ms"] = round((time.perf_counter() - t) * 1000, 1)
+        packed = prompt.packed
+        timings.update(prompt_tokens=packed.prompt_tokens, n_ctx=n_ctx, passages=len(packed.hits),
+                       passages_dropped=len(usable) - len(packed.hits))
+        pieces = generator.stream(
+            packed.prompt, max_tokens=packed.max_tokens,
+            temperature=s.temperature if temperature is None else temperature,
+            seed=s.seed if seed is None else seed,
+        )
+        fallback = extractive_text(prompt.evidence) if s.check_support else ""
+        return AnswerStream(sources=prompt.sources, refused=False, model=generator.model_id, pieces=pieces,
+                            prefill=prompt.prefill, evidence=prompt.evidence, fallback=fallback, **common)
+
+    @staticmethod
+    def usable_passages(assessment: Assessment, passages: list[Passage], hits: list[Hit],
+                        keep: int | None = None) -> list[tuple[Passage, Hit]]:
+        """The passages the model sees: those that hold some of the question's terms or are close in meaning
+        (and the chunk `keep`, whatever its score)."""
+        return [(p, h) for p, h in zip(passages, hits)
+                if assessment.passage_coverage[p.n] > 0 or (p.similarity or 0.0) >= SIMILAR_PASSAGE
+                or h.chunk_id == keep]
+
+    def answer_prompt(self, question: str, standalone: str, assessment: Assessment,
+                      usable: list[tuple[Passage, Hit]], *, persona: str | None = None,
+                      history: list[dict] | None = None, summary: str = "", extra_system: str = "",
+                      max_tokens: int | None = None, first: int | None = None) -> "AnswerPrompt":
+        """kb's answer prompt for `usable` passages: the system prompt with the persona, the evidence sentences,
+        the passages packed into the model's context with its own tokenizer, the question, and the start of
+        the reply ("According to [n],", citing the passage of the best evidence, or passage `first`)."""
+        from kb.answer import AnswerPrompt
+
+        s = self.settings
+        generator = self.generator
         system = render_template("chat_system", self.config_home,
                                  persona=persona_text(persona if persona is not None else s.persona, self.config_home))
         if extra_system:
@@ -305,11 +339,11 @@ class KnowledgeBase:
                 return [{"role": "system", "content": system}, *(history or []), {"role": "user", "content": user}]
             return build
 
-        # The reply is started for the model ("According to [") so that even a small model cites a passage.
-        prefill = render_template("answer_prefix_zh" if unspaced_ratio(question) >= 0.5 else "answer_prefix", self.config_home,
-                                  first=ranked[0].n if ranked else 1).rstrip("\n") \
+        # The reply is started for the model ("According to [n],") so that even a small model cites a passage.
+        cited = first if first is not None else ranked[0].n if ranked else 1
+        prefill = render_template("answer_prefix_zh" if unspaced_ratio(question) >= 0.5 else "answer_prefix",
+                                  self.config_home, first=cited).rstrip("\n") \
             if getattr(generator, "supports_prefill", True) else ""  # a chat API starts the reply itself
-        t = time.perf_counter()
         for evidence_lines in (len(ranked), 1, 0):  # a tiny context window gets fewer evidence lines first
             try:
                 packed = pack_passages(generator, [h for _, h in usable], builder(evidence_lines),
@@ -318,21 +352,10 @@ class KnowledgeBase:
             except BadQuestion:
                 if evidence_lines == 0:
                     raise
-        ranked = ranked[:evidence_lines]
-        timings["pack_ms"] = round((time.perf_counter() - t) * 1000, 1)
-        timings.update(prompt_tokens=packed.prompt_tokens, n_ctx=n_ctx, passages=len(packed.hits),
-                       passages_dropped=len(usable) - len(packed.hits))
-        sources = [Source.from_hit(i + 1, h, assessment.passage_coverage[p.n])
-                   for i, (p, h) in enumerate(usable[:len(packed.hits)])]
-        pieces = generator.stream(
-            packed.prompt, max_tokens=packed.max_tokens,
-            temperature=s.temperature if temperature is None else temperature,
-            seed=s.seed if seed is None else seed,
-        )
-        shown = [e for e in ranked if e.n <= len(packed.hits)]
-        fallback = extractive_text(shown) if s.check_support else ""
-        return AnswerStream(sources=sources, refused=False, model=generator.model_id, pieces=pieces, prefill=prefill,
-                            evidence=shown, fallback=fallback, **common)
+        kept = len(packed.hits)
+        sources = [Source.from_hit(i + 1, h, assessment.passage_coverage[p.n]) for i, (p, h) in enumerate(usable[:kept])]
+        return AnswerPrompt(packed=packed, prefill=prefill, sources=sources,
+                            evidence=[e for e in ranked[:evidence_lines] if e.n <= kept])
 
     def build_dataset(self, out: str | os.PathLike, *, kind: str = "both", progress=None, limit: int | None = None) -> dict:
         """Training examples from the ingested corpus (see kb.dataset); the chat model writes the QA pairs."""
@@ -344,6 +367,15 @@ class KnowledgeBase:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         return build_dataset(store, str(out), kind=kind, teacher=self.generator if kind != "continuation" else None,
                              progress=progress, limit=limit)
+
+    def build_rag_dataset(self, out: str | os.PathLike, **options) -> dict:
+        """Retrieval-aware training examples in kb's own answer prompt (see kb.dataset.build_rag_dataset)."""
+        from kb.dataset import build_rag_dataset
+
+        if not self._open_store().has_chunks():
+            raise NotIngested(f"the knowledge base at {self.home} has no documents yet")
+        teacher = None if options.get("questions") is not None else self.generator
+        return build_rag_dataset(self, out, teacher=teacher, **options)
 
     def chat(self, *, persona: str | None = None, resume: bool | int = False) -> "Chat":
         """A multi-turn conversation; `resume=True` continues the most recent one, `resume=ID` that one."""

@@ -489,11 +489,14 @@ ANSWER_COLUMNS = [("exact_match", "EM"), ("f1", "F1"), ("answer_contains_gold", 
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @EVAL_HOME
 @click.option("--limit", type=int, help="Only the first N answerable and N unanswerable questions of each file.")
+@click.option("--split", type=click.Choice(["all", "train", "test"]), default="all", show_default=True,
+              help="Only this part of the deterministic split (test: questions an adapter built with --split train never saw).")
+@click.option("--split-by", type=click.Choice(["question", "document"]), default="question", show_default=True)
 @EVAL_KEEP
 @settings_options(MODEL, ANSWER, RETRIEVAL)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file (a list for several).")
 @translate_errors
-def eval_answers_command(files, home, limit, keep, settings, as_json):
+def eval_answers_command(files, home, limit, split, split_by, keep, settings, as_json):
     """What users see, per file and language: exact match and F1 of the answer without kb's framing,
     answer-contains-gold, evidence-contains-gold (top 1, top 3), citation accuracy, answerable questions
     refused, and unanswerable questions (their passage held out, the related ones kept) refused."""
@@ -515,7 +518,8 @@ def eval_answers_command(files, home, limit, keep, settings, as_json):
         with tempfile.TemporaryDirectory(prefix="kb-eval-") as tmp:
             where = Path(keep) / Path(file).stem if keep and len(files) > 1 else keep or tmp
             results.append(eval_answers(file, limit=limit, home=where, progress=ProgressPrinter(quiet=as_json),
-                                        on_question=tick, config_home=home_dir, **settings))
+                                        on_question=tick, split=split, split_by=split_by, config_home=home_dir,
+                                        **settings))
     if as_json:
         click.echo(json.dumps(results[0] if len(results) == 1 else results, ensure_ascii=False, indent=2))
         return
@@ -538,22 +542,44 @@ def dataset():
 
 @dataset.command(name="build")
 @HOME_OPTION
-@click.option("--kind", type=click.Choice(["continuation", "qa", "both"]), default="both", show_default=True)
+@click.option("--kind", type=click.Choice(["continuation", "qa", "both", "rag"]), default="both", show_default=True,
+              help="rag: examples in kb's own answer prompt (evidence, retrieved passages, citation), for an "
+                   "adapter that answers from your documents better.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Output JSONL (default: <kb home>/datasets/train.jsonl).")
-@click.option("--teacher", help="GGUF model that writes the question-answer pairs (default: the bundled one).")
-@click.option("--limit", type=int, help="Only the first N chunks.")
+@click.option("--teacher", help="GGUF model (or name from `kb models`) that writes questions and answers (default: the bundled one).")
+@click.option("--teacher-url", help="An OpenAI-compatible server that writes them instead (its base URL).")
+@click.option("--questions", "questions_file", type=click.Path(exists=True, dir_okay=False),
+              help="With --kind rag: questions with answers (SQuAD JSON, or JSONL of question/answer/source) instead of a teacher.")
+@click.option("--split", type=click.Choice(["train", "test", "all"]), default="train", show_default=True,
+              help="With --questions: which part of the deterministic split to use (keep test for kb eval answers --split test).")
+@click.option("--split-by", type=click.Choice(["question", "document"]), default="question", show_default=True)
+@click.option("--leave-out", type=float, default=0.2, show_default=True,
+              help="With --kind rag: share of examples whose answering passage is left out (target: kb's refusal).")
+@click.option("--limit", type=int, help="Only the first N chunks (or questions).")
 @translate_errors
-def dataset_build(home, kind, out, teacher, limit):
-    """Chat-format examples from the ingested corpus; a stopped build resumes where it was."""
-    kb = _open(home, model=teacher)
+def dataset_build(home, kind, out, teacher, teacher_url, questions_file, split, split_by, leave_out, limit):
+    """Chat-format training examples from the ingested corpus (continuation, QA or RAG); resumes a stopped build."""
+    kb = _open(home, {k: v for k, v in (("model", teacher), ("llm_url", teacher_url)) if v})
     out = out or str(kb.home / "datasets" / "train.jsonl")
     tty = sys.stderr.isatty()
 
     def progress(n, total, stats):
         if tty or n == total or n % 50 == 0:
-            status_line(f"chunks {n}/{total} · " + " · ".join(f"{k} {v}" for k, v in sorted(stats.items())), tty)
+            status_line(f"{n}/{total} · " + " · ".join(f"{k} {v}" for k, v in sorted(stats.items())), tty)
 
-    result = kb.build_dataset(out, kind=kind, progress=progress, limit=limit)
+    if kind == "rag":
+        from kb.dataset import read_questions, split_of
+
+        questions = None
+        if questions_file:
+            questions = [q for q in read_questions(questions_file)
+                         if split == "all" or split_of(q["id"] if split_by == "question" else q["document"]) == split]
+        result = kb.build_rag_dataset(out, questions=questions, leave_out_share=leave_out, progress=progress,
+                                      limit=limit)
+    else:
+        if questions_file:
+            raise click.UsageError("--questions goes with --kind rag")
+        result = kb.build_dataset(out, kind=kind, progress=progress, limit=limit)
     if tty:
         click.echo("", err=True)
     click.echo(json.dumps(result))
@@ -598,7 +624,7 @@ def dataset_check(file, home, fix_out, model, ctx, as_json):
         click.echo(f"wrote {report['fixed']['kept']} examples to {fix_out} ({report['fixed']['dropped']} dropped)")
 
 
-TRAIN_FLAGS = ("base", "name", "steps", "epochs", "rank", "alpha", "lr", "batch")
+TRAIN_FLAGS = ("base", "name", "steps", "epochs", "rank", "alpha", "lr", "batch", "max_len")
 
 
 @cli.command()
@@ -612,17 +638,19 @@ TRAIN_FLAGS = ("base", "name", "steps", "epochs", "rank", "alpha", "lr", "batch"
 @click.option("--alpha", type=float, default=16.0, show_default=True)
 @click.option("--lr", type=float, default=2e-4, show_default=True)
 @click.option("--batch", type=int, default=4, show_default=True)
+@click.option("--max-len", type=int, help="Tokens per example, longer ones cut (default: 512; for a `--kind rag` "
+                                          "dataset, the context its prompts were packed into).")
 @click.option("--threads", type=int, help="CPU threads (default: the configured threads, else all cores).")
 @click.option("--resume", "resume", help="Resume the stopped run NAME (with the settings it started with).")
 @click.pass_context
 @translate_errors
-def finetune(ctx, data, home, base, name, steps, epochs, rank, alpha, lr, batch, threads, resume):
+def finetune(ctx, data, home, base, name, steps, epochs, rank, alpha, lr, batch, max_len, threads, resume):
     """Train a LoRA adapter on DATA (chat JSONL) and save it as a llama.cpp adapter in the kb home."""
     from kb.config import Settings, kb_home
     from kb.finetune import TrainConfig, finetune as run_finetune
 
     if resume:
-        given = [f"--{p}" for p in TRAIN_FLAGS if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
+        given = [f"--{p.replace('_', '-')}" for p in TRAIN_FLAGS if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
         if given or data:
             raise click.UsageError(
                 f"--resume continues a run with the settings it started with; {', '.join(given) or 'DATA'} "
@@ -632,7 +660,8 @@ def finetune(ctx, data, home, base, name, steps, epochs, rank, alpha, lr, batch,
     home_dir = kb_home(home)
     settings = Settings.load(home_dir, threads=threads)
     config = TrainConfig(name=resume or name or Path(data).stem, base=base or settings.model, steps=steps or 0,
-                         epochs=epochs, rank=rank, alpha=alpha, lr=lr, batch=batch, threads=settings.threads)
+                         epochs=epochs, rank=rank, alpha=alpha, lr=lr, batch=batch, max_len=max_len or 0,
+                         threads=settings.threads)
     tty = sys.stderr.isatty()
     started = time.monotonic()
 

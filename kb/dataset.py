@@ -287,5 +287,200 @@ def _qa_pair(teacher, title: str, text: str, kept_questions: list[str], stats) -
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
 
+# --- retrieval-aware examples (RAG) ----------------------------------------------------------------
+
+LEAVE_OUT_SHARE = 0.2  # share of examples whose answering passage is left out: the target is kb's refusal
+REFUSAL_TARGET = {"en": "the documents do not contain an answer to this question.",
+                  "zh": "文档中没有这个问题的答案。"}
+
+
+def split_of(key: str, test_share: float = 0.25) -> str:
+    """A deterministic train/test split by a question's or a document's id, stable across runs and machines."""
+    import hashlib
+
+    return "test" if int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < test_share else "train"
+
+
+def read_questions(path: str | Path) -> list[dict]:
+    """Questions with answers from a SQuAD-format file or JSONL of {question, answer|answers, source?}:
+    [{id, question, answers, source, document}] (`document`: the SQuAD passage's id, for splits by document)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as e:
+        raise KBError(f"cannot read {path}: {e.strerror or e}") from e
+    out: list[dict] = []
+    if text.lstrip().startswith("{") and '"data"' in text[:2000]:
+        from kb.evaluate import load_squad
+
+        squad = load_squad(path)
+        for q in squad.questions:
+            passage = next(iter(q["relevant"]))  # as `kb eval` names its passage files: p00012.txt
+            out.append({"id": q["id"], "question": q["question"], "answers": q["answers"], "source": passage,
+                        "document": passage})
+        return out
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            out.append({"id": f"line{n}", "question": "", "answers": [], "problem": f"line {n}: not JSON"})
+            continue
+        answers = row.get("answers") or ([row["answer"]] if row.get("answer") else [])
+        out.append({"id": str(row.get("id", f"line{n}")), "question": str(row.get("question") or ""),
+                    "answers": [str(a) for a in answers if str(a).strip()], "source": row.get("source"),
+                    "document": str(row.get("source") or row.get("id", f"line{n}"))})
+    return out
+
+
+def build_rag_dataset(kb, out: str | Path, *, questions: list[dict] | None = None, teacher=None,
+                      leave_out_share: float = LEAVE_OUT_SHARE, limit: int | None = None, seed: int = 0,
+                      progress=None) -> dict:
+    """Examples in kb's exact answer prompt, for `kb finetune`: the persona's system prompt, the evidence and
+    the passages kb retrieves and packs for the question (the answering passage among real distractors, or,
+    in `leave_out_share` of them, left out, with kb's refusal as the target), and a target that cites the
+    answering passage and quotes the sentence that answers. Questions come from `questions` (see
+    `read_questions`) or are written by `teacher` from each chunk. Returns counts, kept and dropped by reason."""
+    import random
+
+    from kb.answer import _MARKUP
+    from kb.evaluate import contains_gold
+    from kb.evidence import split_sentences
+    from kb.retriever import SearchResult
+    from kb.text import unspaced_ratio
+
+    rng = random.Random(seed)
+    store = kb._open_store()
+    stats: collections.Counter = collections.Counter()
+    items = list(questions or [])
+    if not items and teacher is not None:
+        kept_questions: list[str] = []
+        for chunk_id, title, heading, text in list(store.iter_chunks())[:limit or None]:
+            pair = _qa_pair(teacher, title or "", text, kept_questions, stats)
+            if pair:
+                items.append({"id": str(chunk_id), "question": pair[0]["content"], "answers": [pair[1]["content"]],
+                              "chunk_id": chunk_id, "teacher": True})
+    if limit:
+        items = items[:limit]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as f:
+        for n, item in enumerate(items, 1):
+            example = _rag_example(kb, store, item, rng.random() < leave_out_share, stats, contains_gold,
+                                   split_sentences, SearchResult, unspaced_ratio, _MARKUP)
+            if example is not None:
+                f.write(json.dumps({"messages": example}, ensure_ascii=False) + "\n")
+            if progress:
+                progress(n, len(items), dict(stats))
+    meta = {"kind": "rag", "prompt_template_sha256": prompt_template_hash(kb.config_home), "examples": stats["rag"],
+            "n_ctx": kb.generator.n_ctx}
+    out.with_name(out.name + ".meta.json").write_text(json.dumps(meta, indent=1))
+    return {"out": str(out), "questions": len(items), "rag": 0, "rag_refusal": 0, **dict(stats)}
+
+
+def _rag_example(kb, store, item, leave_out, stats, contains_gold, split_sentences, SearchResult, unspaced_ratio,
+                 markup) -> list[dict] | None:
+    question, answers = item.get("question", "").strip(), item.get("answers") or []
+    if item.get("problem") or not question:
+        stats["dropped_bad_question"] += 1
+        return None
+    if not answers:
+        stats["dropped_no_answer"] += 1
+        return None
+    result = kb.search_result(question, max(kb.settings.top_k, 1))
+    hits = list(result.hits)
+    gold = _answering_chunk(kb, store, item, question, answers, hits, contains_gold)
+    if gold is None:
+        stats["dropped_answer_not_found"] += 1
+        return None
+    others = [h for h in hits if h.chunk_id != gold.chunk_id]
+    if leave_out:
+        if not others:
+            stats["dropped_no_distractors"] += 1
+            return None
+        hits = others
+    else:
+        if not others:
+            stats["dropped_no_distractors"] += 1
+            return None
+        if all(h.chunk_id != gold.chunk_id for h in hits):
+            hits = others[: max(len(hits) - 1, 1)]
+            hits.insert(min(len(hits), int(len(hits) * _position_of(question))), gold)
+    assessment, passages = kb.assess(question, SearchResult(hits=hits, mode="hybrid", query_vector=result.query_vector))
+    usable = kb.usable_passages(assessment, passages, hits, keep=None if leave_out else gold.chunk_id)
+    position = next((i + 1 for i, (_, h) in enumerate(usable) if h.chunk_id == gold.chunk_id), None)
+    prompt = kb.answer_prompt(question, question, assessment, usable, first=position)
+    if not leave_out and (position is None or position > len(prompt.packed.hits)):
+        stats["dropped_answer_cut_from_prompt"] += 1
+        return None
+    language = "zh" if unspaced_ratio(question) >= 0.5 else "en"
+    if leave_out:
+        target = REFUSAL_TARGET[language]
+        stats["rag_refusal"] += 1
+    else:
+        sentences = [gold.text[a:b] for a, b in split_sentences(gold.text)]
+        quote = next((x for x in sentences if contains_gold(x, answers)), None)
+        if quote is None and not item.get("teacher"):
+            stats["dropped_answer_not_in_a_sentence"] += 1
+            return None
+        quote = quote or answers[0]
+        target = _after_prefill(" ".join(markup.sub("", line).strip() for line in quote.splitlines() if line.strip()),
+                                gold.text)
+    stats["rag"] += 1
+    separator = "" if language == "zh" else " "
+    return [*prompt.packed.messages, {"role": "assistant", "content": prompt.prefill + separator + target}]
+
+
+def _after_prefill(sentence: str, passage: str) -> str:
+    """The quote as it reads after "According to [n],": its first word in lower case when that word is an
+    ordinary one (the passage also has it in lower case), so "A starter is fed" but "Alpha is the first"."""
+    import re
+
+    word = re.match(r"[A-Z][a-z]*\b", sentence)
+    if word and re.search(rf"\b{word.group().lower()}\b", passage):
+        return sentence[0].lower() + sentence[1:]
+    return sentence
+
+
+def _position_of(text: str) -> float:
+    """A position in [0, 1) derived from the question: where the answering passage goes, the same every run."""
+    import hashlib
+
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 0x100000000
+
+
+def _answering_chunk(kb, store, item, question, answers, hits, contains_gold):
+    """The chunk that answers: given (teacher questions), else the best-ranked chunk that holds a gold answer
+    and, when the question names its source (a document's path, or its file name without extension), comes from
+    that document: a short answer ("24") is in many passages. Among more candidates when needed."""
+    if item.get("chunk_id") is not None:
+        found = store.hits([(item["chunk_id"], 0.0)])
+        return found[0] if found else None
+    source = item.get("source")
+
+    def matches(h):
+        from_source = not source or Path(h.path).stem == str(source) or h.path.endswith(str(source))
+        return from_source and contains_gold(h.text, answers)
+
+    found = next((h for h in hits if matches(h)), None)
+    if found is None:
+        found = next((h for h in kb.search(question, 30) if matches(h)), None)
+    return found
+
+
+def prompt_template_hash(home: Path) -> str:
+    """What an adapter trained on kb's answer prompt depends on: the answer, prefix and system templates."""
+    import hashlib
+
+    from kb.prompting import template_text
+
+    h = hashlib.sha256()
+    for name in ("chat_system", "answer", "answer_prefix", "answer_prefix_zh"):
+        h.update(template_text(name, home).encode("utf-8"))
+    return h.hexdigest()
+
+
 __all__ = ["read_examples", "check_dataset", "fix_dataset", "build_dataset", "rouge_l", "supported",
-           "degenerate", "continuation_example"]
+           "degenerate", "continuation_example", "build_rag_dataset", "read_questions", "split_of",
+           "prompt_template_hash"]

@@ -277,7 +277,8 @@ def contains_gold(text: str, golds: list[str]) -> bool:
 
 
 def eval_answers(path, *, limit: int | None = None, home=None, progress=None, on_question=None,
-                 ask_options: dict | None = None, details: bool = False, **kb_options) -> dict:
+                 ask_options: dict | None = None, details: bool = False, split: str = "all",
+                 split_by: str = "question", **kb_options) -> dict:
     """What users see, on a SQuAD-format set. Answerable questions (their passage is indexed): exact match
     and F1 of the answer without kb's framing, answer-contains-gold, evidence-contains-gold (the best
     sentence; any of the quotes shown), citation accuracy, and how many were refused. Unanswerable
@@ -289,6 +290,14 @@ def eval_answers(path, *, limit: int | None = None, home=None, progress=None, on
     indexed_set = set(indexed)
     answerable = [q for q in eval_set.questions if q["relevant"].keys() & indexed_set and q["answers"]]
     unanswerable = [q for q in eval_set.questions if not q["relevant"].keys() & indexed_set]
+    if split != "all":  # the same split `kb dataset build --kind rag --questions` uses
+        from kb.dataset import split_of
+
+        def part(q):
+            return split_of(q["id"] if split_by == "question" else next(iter(q["relevant"])))
+
+        answerable = [q for q in answerable if part(q) == split]
+        unanswerable = [q for q in unanswerable if part(q) == split]
     if limit:
         answerable = answerable[:limit]
         unanswerable = unanswerable[:limit]
@@ -333,6 +342,7 @@ def eval_answers(path, *, limit: int | None = None, home=None, progress=None, on
     n = len(answerable)
     result = {
         "file": str(path),
+        "split": split if split == "all" else f"{split} by {split_by}",
         "language": "zh" if unspaced_ratio("".join(q["question"] for q in eval_set.questions[:50])) >= 0.5 else "en",
         "questions": n,
         **{key: round(sums[key] / n, 4) if n else 0.0 for key in ANSWER_METRICS},

@@ -68,8 +68,8 @@ class _Client:
                 raise RemoteModelError(f"the {self.what} at {_shown(self.base)} did not answer in time ({type(e).__name__})",
                                        hint="is it overloaded? raise llm_timeout, or try again") from e
             except httpx.HTTPError as e:
-                if attempt < RETRIES:
-                    time.sleep(min(2 ** attempt, 8) + random.random() / 4)
+                if attempt < 1:  # one quick retry: a refused connection is seldom transient, unlike a 429 or 503
+                    time.sleep(0.5 + random.random() / 4)
                     continue
                 raise RemoteModelError(f"cannot reach the {self.what} at {_shown(self.base)}: {e}",
                                        hint="check that it is running and the URL is right") from e

@@ -110,3 +110,18 @@ def test_reranker_protocol_reorders_results(make_kb, corpus, home, fake_embedder
     reranked = KnowledgeBase(home, embedder=fake_embedder, reranker=reranker).search("alpha greek letters", k=3)
     assert reranker.calls == 1 and reranked[0].path.endswith("gamma.md")
     plain.close()
+
+
+def test_eval_answers_on_a_split_scores_only_that_part(squad_file, tmp_path, fake_embedder):
+    from kb.dataset import split_of
+
+    questions = load_squad(squad_file).questions
+    for by, key in (("question", lambda q: q["id"]), ("document", lambda q: next(iter(q["relevant"])))):
+        parts = {"train": 0, "test": 0}
+        for q in questions:
+            parts[split_of(key(q))] += 1
+        for part, expected in parts.items():
+            result = eval_answers(squad_file, home=tmp_path / f"{by}-{part}", embedder=fake_embedder,
+                                  generator=FakeGenerator(), split=part, split_by=by)
+            assert result["questions"] + result["unanswerable_questions"] == expected
+            assert result["split"] == f"{part} by {by}"

@@ -41,6 +41,9 @@ def test_a_trained_adapter_teaches_its_style_and_an_interrupted_run_resumes(tmp_
 
     home = tmp_path / "home"
     data = style_data(tmp_path / "style.jsonl")
+    # as `kb dataset build --kind rag` leaves it beside its data: the card records it, max_len follows n_ctx
+    (tmp_path / "style.jsonl.meta.json").write_text(json.dumps({"kind": "rag", "prompt_template_sha256": "ab" * 32,
+                                                                "n_ctx": 384}))
     config = TrainConfig(name="pirate", steps=45, lr=2e-3, checkpoint_every=10, threads=2)
 
     def stop_at_12(step, total, loss):
@@ -55,6 +58,8 @@ def test_a_trained_adapter_teaches_its_style_and_an_interrupted_run_resumes(tmp_
     card = finetune(home, None, TrainConfig(name="pirate"), resume=True, progress=lambda s, t, l: seen.append(s))
     assert seen[0] == 13 and seen[-1] == 45  # it went on from the checkpoint, not from the start
     assert card["steps"] == 45 and len(card["loss_curve"]) == 45 and card["final_loss"] < 0.5
+    assert card["kind"] == "rag" and card["prompt_template_sha256"] == "ab" * 32 and card["max_len"] == 384
+    assert card["examples"] == 2 * len(TOPICS) and card["examples_skipped"] == 0
     adapter = resolve_adapter(home, "pirate", bundled_model_path())
     with_adapter = replies(adapter)
     without = replies()
@@ -147,3 +152,26 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
     data = style_data(tmp_path / "d.jsonl")
     with pytest.raises(UnsupportedModel, match="not supported yet"):
         finetune(tmp_path / "home", data, TrainConfig(name="x", base=str(path)))
+
+
+def test_the_loss_on_kept_logits_is_the_full_models_loss():
+    import torch
+
+    from kb.finetune import batch_loss, load_base
+
+    model, _ = load_base(bundled_model_path(), threads=2)
+    model.eval()
+    # two examples of different lengths, right-padded, the answer (labels) at the end of each
+    a = list(range(100, 160))
+    b = list(range(300, 340))
+    batch = [(a, [-100] * 50 + a[50:]), (b, [-100] * 33 + b[33:])]
+    width = len(a)
+    ids = torch.tensor([a, b + [0] * (width - len(b))])
+    labels = torch.tensor([batch[0][1], batch[1][1] + [-100] * (width - len(b))])
+    mask = torch.tensor([[1] * width, [1] * len(b) + [0] * (width - len(b))])
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        kept = batch_loss(model, batch, 0, "cpu", "fp32")
+        bf16 = batch_loss(model, batch, 0, "cpu", "bf16")
+    assert float(kept) == pytest.approx(float(full), rel=1e-5)
+    assert float(bf16) == pytest.approx(float(full), rel=0.05)

@@ -247,3 +247,29 @@ def test_kb_ask_with_the_bundled_model_never_touches_the_network(tmp_path):
     result = subprocess.run([sys.executable, "-c", NO_NETWORK, str(home)], capture_output=True, text=True, cwd=root,
                             env={**os.environ, "KB_HOME": str(home)})
     assert result.returncode == 0 and "answered" in result.stdout, result.stderr[-2000:]
+
+
+def test_embedding_device_choice_and_its_cpu_fallback(monkeypatch):
+    """CI has no GPU: `auto` must pick the CPU path (and bf16 only where the CPU has it); `cuda` without a GPU
+    is a clear error; with a GPU torch can see, `auto` picks it and drops bf16 autocast for fp16."""
+    import numpy as np
+    import torch
+
+    from kb.embedder import SentenceTransformerEmbedder
+
+    auto = SentenceTransformerEmbedder()
+    if not torch.cuda.is_available():
+        assert auto.device == "cpu"
+        cpu = torch.cpu
+        native = bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                      or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+        assert auto.use_bf16 == native
+        vectors = auto.embed_batch(["sourdough starter feeding", "a second sentence"])
+        assert vectors.shape == (2, auto.dim) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-3)
+        assert next(auto.model.parameters()).device.type == "cpu"
+        with pytest.raises(ModelNotFound, match="no CUDA GPU"):
+            SentenceTransformerEmbedder(device="cuda").device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    seen = SentenceTransformerEmbedder()
+    assert seen.device == "cuda" and seen.use_bf16 is False
+    assert SentenceTransformerEmbedder(device="cpu").device == "cpu"
