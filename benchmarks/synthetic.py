@@ -62,7 +62,7 @@ def fill_store(store, corpus: SyntheticCorpus, n_chunks: int, *, per_doc: int = 
         count = min(batch_docs, docs - first)
         texts = corpus.chunks(count * per_doc)
         vectors = corpus.vectors(count * per_doc)
-        samples.append(texts[0])
+        samples.extend(texts[::500])
         for i in range(count):
             d = first + i
             part = slice(i * per_doc, (i + 1) * per_doc)

@@ -565,7 +565,7 @@ def assess(q: QuestionTerms, passages: Sequence[Passage]) -> Assessment:
 # calibrated by benchmarks/calibrate_refusal.py: the bias puts 0.5 where about 96% of answerable questions
 # pass on the calibration sets. Regenerate them with that script rather than editing by hand.
 ANSWERABILITY = {
-    "spaced": ({"evidence": 2.315, "window_coverage": 1.622, "passage_coverage": 1.675, "passage_similarity": 1.1}, -3.08),
+    "spaced": ({"evidence": 2.288, "window_coverage": 1.648, "passage_coverage": 1.7, "passage_similarity": 0.907}, -2.957),
     "unspaced": ({"evidence": 1.917, "window_coverage": 2.21, "passage_coverage": 2.253}, -1.722),
 }
 

@@ -33,9 +33,12 @@ from kb.store import Filters, StoredDocument, chunk_term_list
 from kb.types import Chunk, Hit
 
 BM25_K1, BM25_B = 1.2, 0.75
-# Lexical candidates are bounded: the most common query terms are left out until the rows the rest match
-# stay under this (their IDF is the lowest: they change the ranking least).
-MAX_LEXICAL_CANDIDATES = 20_000
+# Lexical candidates are bounded: the rows matched by the rarest query terms, adding terms from rarest to most
+# common while the rows stay under this; every candidate is then scored with all the query's terms. A chunk
+# that holds only the most common terms (the lowest IDF) is not a candidate. Scoring costs about 30 us per
+# candidate on 2 cores (it reads each candidate's whole tsvector), so this bounds a query to tens of ms at
+# any corpus size (benchmarks/scale.py).
+MAX_LEXICAL_CANDIDATES = 3_000
 _LOCK_KEY = zlib.crc32(b"kb ingest write lock")  # with the schema's name, the advisory lock's key
 MAX_POSITION = 16383  # PostgreSQL's largest tsvector position
 MAX_LEXEME_BYTES = 2046
@@ -444,7 +447,7 @@ class PostgresStore:
                 break
             kept.append(t)
             budget += df[t]
-        idf = [max(math.log((total - df[t] + 0.5) / (df[t] + 0.5)), 1e-6) for t in kept]
+        idf = [max(math.log((total - df[t] + 0.5) / (df[t] + 0.5)), 1e-6) for t in terms]
         where, params = self._filter_sql(filters)
         sql = f"""
             WITH q(term, idf) AS (SELECT * FROM unnest(%s::text[], %s::float8[])),
@@ -455,7 +458,7 @@ class PostgresStore:
             FROM cand CROSS JOIN LATERAL unnest(cand.terms) AS u(lexeme, positions, weights)
             JOIN q ON q.term = u.lexeme
             GROUP BY cand.id ORDER BY 2 DESC LIMIT %s"""
-        rows = self.conn.execute(sql, [kept, idf, tsquery_literal(kept), *params, avgdl, k]).fetchall()
+        rows = self.conn.execute(sql, [terms, idf, tsquery_literal(kept), *params, avgdl, k]).fetchall()
         return [(int(i), float(s)) for i, s in rows]
 
     def hits(self, scored: list[tuple[int, float]]) -> list[Hit]:
