@@ -94,14 +94,11 @@ print(json.dumps({"load_s": t1 - t0, "encode_s": t2 - t1, "precision": "bf16" if
 def model_alone(home: Path) -> dict:
     """The model alone on the texts kb embedded: the chunk text with its title/heading prefix."""
     from ingest.chunk import _context_prefix
-    from kb.store import Store
+    from kb.store import open_store
 
-    store = Store(home)
-    rows = store.db.execute(
-        "SELECT d.title, c.heading, c.text FROM chunks c JOIN documents d ON d.id = c.doc_id"
-    ).fetchall()
+    store = open_store(home, "")
+    texts = [_context_prefix(title or "", heading or "") + text for _, title, heading, text in store.iter_chunks()]
     store.close()
-    texts = [_context_prefix(title or "", heading or "") + text for title, heading, text in rows]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(texts, f)
     wall, rss, proc = run_child([sys.executable, "-c", MODEL_ALONE, f.name])

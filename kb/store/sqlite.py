@@ -210,6 +210,9 @@ def _atomic_write(path: Path, data: bytes | memoryview) -> None:
     os.replace(tmp, path)
 
 
+PARALLEL_FROM = 250_000
+
+
 class VectorIndex:
     """A FAISS inner-product index over unit vectors, keyed by chunk id, saved with the generation it reflects."""
 
@@ -246,9 +249,17 @@ class VectorIndex:
         if len(ids):
             self.index.remove_ids(faiss.IDSelectorBatch(ids))
 
+    def _threads(self) -> None:
+        import faiss
+
+        # A flat scan of a large index is memory-bound work that splits well: from PARALLEL_FROM vectors on,
+        # every core scans a share (below it, OpenMP's start-up costs more than it saves; see __init__).
+        faiss.omp_set_num_threads((os.cpu_count() or 1) if self.size >= PARALLEL_FROM else 1)
+
     def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
         if self.size == 0:
             return []
+        self._threads()
         scores, ids = self.index.search(np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32), k)
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i != -1]
 
@@ -258,6 +269,7 @@ class VectorIndex:
 
         if self.size == 0:
             return []
+        self._threads()
         selector = faiss.IDSelectorBatch(np.fromiter(allowed, dtype=np.int64))
         params = faiss.SearchParameters(sel=selector)
         scores, ids = self.index.search(
