@@ -1,13 +1,28 @@
-"""Shared by the benchmarks: the table printer and a child-process runner that measures the child's own peak RSS."""
+"""Shared by the benchmarks: the table printer, a child-process runner that measures the child's own peak RSS,
+a percentile, and a free loopback port for the servers they start."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+
+def percentile(values: list[float], q: float, digits: int = 2) -> float:
+    """The value at quantile `q` of `values` (nearest rank, the upper one), rounded; 0.0 when there is none."""
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], digits) if ordered else 0.0
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def print_sections(result: dict) -> None:

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from report import print_sections  # noqa: E402  (benchmarks/report.py)
+from report import free_port, percentile, print_sections  # noqa: E402  (benchmarks/report.py)
 from synthetic import SyntheticCorpus, fill_store  # noqa: E402
 
 from kb.embedder import BUNDLED_EMBEDDER_ID  # noqa: E402
@@ -45,11 +44,6 @@ from kb.store import Filters, open_store  # noqa: E402
 
 def folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2) if ordered else 0.0
 
 
 def database_size(url: str) -> int:
@@ -94,12 +88,6 @@ def measure_store(name: str, home: Path, url: str, args) -> tuple[dict, list[str
         out[f"{label}_fewer_than_k"] = short
     kb.close()
     return out, queries
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(home: Path, url: str) -> tuple[subprocess.Popen, str]:

@@ -5,7 +5,8 @@
 2. `--clients` concurrent streaming clients (the OpenAI API, `stream: true`) for `--seconds`: every request
    must be answered or told 429 (then the client waits Retry-After); p50/p95 of the answered ones: time to
    the first text (kb's own "According to [n]," prefill, sent before the model runs, so this is retrieval
-   and admission), time to the model's first token (queue wait and prompt evaluation included), and total; the server's RSS sampled every second, after a warm-up.
+   and admission), time to the model's first token (queue wait and prompt evaluation included), and total;
+   the server's RSS sampled every second, after a warm-up.
 
     .venv/bin/python benchmarks/serve.py [--clients 16] [--seconds 120] [--max-tokens 64]
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from report import print_sections  # noqa: E402  (benchmarks/report.py)
+from report import free_port, percentile, print_sections  # noqa: E402  (benchmarks/report.py)
 
 QUESTIONS = [
     "How often should I feed a sourdough starter on the counter?",
@@ -42,23 +42,12 @@ QUESTIONS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3) if ordered else 0.0
 
 
 def one_client(url: str, max_tokens: int, rounds: int) -> list[float]:
@@ -142,18 +131,14 @@ def load(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
     for t in threads:
         t.join()
     answered = [r for r in results if r["status"] == 200]
-    return {
-        "requests": len(results), "answered": len(answered),
-        "told_429": sum(1 for r in results if r["status"] == 429),
-        "failed": sum(1 for r in results if r["status"] not in (200, 429)),
-        "ttft_s_p50": percentile([r["ttft_s"] for r in answered if r["ttft_s"]], 0.5),
-        "ttft_s_p95": percentile([r["ttft_s"] for r in answered if r["ttft_s"]], 0.95),
-        "first_model_token_s_p50": percentile([r["first_model_token_s"] for r in answered if r["first_model_token_s"]], 0.5),
-        "first_model_token_s_p95": percentile([r["first_model_token_s"] for r in answered if r["first_model_token_s"]], 0.95),
-        "total_s_p50": percentile([r["total_s"] for r in answered], 0.5),
-        "total_s_p95": percentile([r["total_s"] for r in answered], 0.95),
-        "answers_per_min": round(len(answered) / seconds * 60, 1),
-    }
+    out = {"requests": len(results), "answered": len(answered),
+           "told_429": sum(1 for r in results if r["status"] == 429),
+           "failed": sum(1 for r in results if r["status"] not in (200, 429))}
+    for timing in ("ttft_s", "first_model_token_s", "total_s"):
+        values = [r[timing] for r in answered if r[timing]]
+        out[f"{timing}_p50"], out[f"{timing}_p95"] = percentile(values, 0.5, 3), percentile(values, 0.95, 3)
+    out["answers_per_min"] = round(len(answered) / seconds * 60, 1)
+    return out
 
 
 def main() -> None:

@@ -80,6 +80,14 @@ class _Client:
             return response
         return response
 
+    def first_model(self, setting: str) -> str:
+        """The id of the first model the server lists (/v1/models), used when `setting` names none."""
+        models = self.json("GET", f"{self.base}/models").get("data") or []
+        if not models or not isinstance(models[0], dict) or not models[0].get("id"):
+            raise RemoteModelError(f"the {self.what} at {_shown(self.base)} lists no model",
+                                   hint=f"set {setting} to the name of the model to use")
+        return models[0]["id"]
+
     def json(self, method: str, url: str, **kwargs) -> dict:
         response = self.request(method, url, **kwargs)
         self.check(response)
@@ -122,11 +130,7 @@ class RemoteGenerator:
     @property
     def model(self) -> str:
         if not self._model:
-            models = self.client.json("GET", f"{self.client.base}/models").get("data") or []
-            if not models or not isinstance(models[0], dict) or not models[0].get("id"):
-                raise RemoteModelError(f"the model server at {_shown(self.client.base)} lists no model",
-                                       hint="set llm_model to the name of the model to use")
-            self._model = models[0]["id"]
+            self._model = self.client.first_model("llm_model")
         return self._model
 
     @property
@@ -286,11 +290,7 @@ class RemoteEmbedder:
     @property
     def model_name(self) -> str:
         if not self._model:
-            models = self.client.json("GET", f"{self.client.base}/models").get("data") or []
-            if not models or not isinstance(models[0], dict) or not models[0].get("id"):
-                raise RemoteModelError(f"the embedding server at {_shown(self.client.base)} lists no model",
-                                       hint="set embed_model to the name of the model to use")
-            self._model = models[0]["id"]
+            self._model = self.client.first_model("embed_model")
         return self._model
 
     @property

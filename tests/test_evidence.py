@@ -1,12 +1,11 @@
 """Evidence sentences, answer types, answerability, extractive answers and the support check (fakes)."""
 
 import json
-import struct
 
 import pytest
 from click.testing import CliRunner
 
-from conftest import FakeGenerator
+from conftest import FakeGenerator, write_gguf
 from kb.evidence import (Passage, answer_type, assess, join_adjacent, prepare_question, question_terms,
                          select_evidence, split_sentences, type_candidates)
 
@@ -169,22 +168,6 @@ def test_extractive_answer_quotes_the_evidence_without_the_model(releases_kb):
     by_n = {s["n"]: s for s in data["sources"]}
     for e in data["evidence"]:
         assert by_n[e["n"]]["text"][e["start"]:e["end"]] == e["text"]
-
-
-def write_gguf(path, metadata):
-    """A minimal GGUF header (v3, no tensors) holding string and string-list metadata."""
-    def string(s):
-        b = s.encode()
-        return struct.pack("<Q", len(b)) + b
-    out = b"GGUF" + struct.pack("<IQQ", 3, 0, len(metadata))
-    for key, value in metadata.items():
-        out += string(key)
-        if isinstance(value, list):
-            out += struct.pack("<IIQ", 9, 8, len(value)) + b"".join(string(v) for v in value)
-        else:
-            out += struct.pack("<I", 8) + string(value)
-    path.write_bytes(out)
-    return path
 
 
 def test_a_question_in_a_language_the_model_does_not_write_gets_evidence(releases_kb, tmp_path):
