@@ -124,14 +124,14 @@ UNSUPPORTED_NOTICE = ("The model's answer was not supported by the passages it c
 
 
 def support(body: str, question: str, sources: list[Source]) -> float:
-    """Share of the answer's own content words (stemmed words, CJK characters; the question's words aside)
-    found in the sources it cites, or in all of them when it cites none. 0 for an answer that says nothing
+    """Share of the answer's own content words (stemmed words, numbers, even one digit, CJK characters; the
+    question's words aside) found in the sources it cites, or in all of them when it cites none. 0 for an answer that says nothing
     beyond the question ("the answer is [2]")."""
     from kb.evidence import STOP_WORDS, tokenize
 
     asked = set(tokenize(question).keys)
     words = [k for k in tokenize(_CITATION_MARK.sub(" ", body)).keys
-             if k not in STOP_WORDS and k not in asked and not (len(k) == 1 and k.isascii())]
+             if k not in STOP_WORDS and k not in asked and not (len(k) == 1 and k.isascii() and not k.isdigit())]
     if not words:
         return 0.0
     cited = [s for s in sources if s.cited] or sources

@@ -23,6 +23,8 @@ from kb.types import Hit, IngestReport
 
 # A passage that holds none of the question's terms still goes to the model when it is this close in meaning.
 SIMILAR_PASSAGE = 0.35
+# Passages past the top k whose evidence may take a top-k passage's place, as a multiple of k (see evidence_search).
+EVIDENCE_POOL = 2
 
 
 def _renumber(usable: list[tuple[Passage, Hit]]) -> dict[int, int]:
@@ -237,6 +239,47 @@ class KnowledgeBase:
         ]
         return assess(prepare_question(question, store.doc_freqs), passages), passages
 
+    def evidence_search(self, question: str, k: int | None = None, *, mode: str | None = None,
+                        filters: Filters | None = None,
+                        min_score: float | None = None) -> tuple[SearchResult, Assessment, list[Passage]]:
+        """The passages `kb ask` answers from, with their evidence and answerability.
+
+        Answerability is judged on the top k passages, as the refusal model was calibrated. When they answer,
+        the passages ranked just below them (EVIDENCE_POOL times k in all) are scored as well, and the k whose
+        best sentence is strongest are kept, in retrieval order: in a large index the chunk that states the
+        fact ("Rust 1.0.0-alpha -- Friday, Jan 9, 2015") can rank below chunks that only talk about it.
+        """
+        k = k or self.settings.top_k
+        threshold = self.settings.min_score if min_score is None else min_score
+        t = time.perf_counter()
+        pool = self.search_result(question, EVIDENCE_POOL * k, mode=mode, filters=filters)
+        timings = {**pool.timings, "retrieve_ms": round((time.perf_counter() - t) * 1000, 1)}
+        t = time.perf_counter()
+        top = SearchResult(hits=pool.hits[:k], mode=pool.mode, timings=timings, query_vector=pool.query_vector)
+        assessment, passages = self.assess(question, top)
+        timings["evidence_ms"] = round((time.perf_counter() - t) * 1000, 1)
+        if len(pool.hits) <= k or assessment.answerability < threshold:
+            return top, assessment, passages
+        wide, _ = self.assess(question, pool)
+        best: dict[int, float] = {}
+        for e in wide.scored:
+            best.setdefault(e.n, e.score)  # scored is best first
+        score = [best.get(i + 1, float("-inf")) for i in range(len(pool.hits))]
+        # a passage from below comes in only with a sentence stronger than any of the top k's, in place of the
+        # top k's weakest passage: a pool of near-equals leaves retrieval's choice alone
+        stronger = sorted((i for i in range(k, len(pool.hits)) if score[i] > max(score[:k])), key=lambda i: -score[i])[:k]
+        chosen = sorted(sorted(range(k), key=lambda i: -score[i])[:k - len(stronger)] + stronger)
+        if chosen != list(range(k)):
+            top = SearchResult(hits=[pool.hits[i] for i in chosen], mode=pool.mode, timings=timings,
+                               query_vector=pool.query_vector)
+            judged = assessment.answerability
+            assessment, passages = self.assess(question, top)
+            # the top k were judged to answer; stronger evidence in their place must not turn that into a refusal
+            assessment.answerability = max(assessment.answerability, judged)
+            timings["evidence_swapped"] = sum(1 for i in chosen if i >= k)
+        timings["evidence_ms"] = round((time.perf_counter() - t) * 1000, 1)
+        return top, assessment, passages
+
     def _answer(self, question: str, standalone: str, *, k: int | None = None, mode: str | None = None,
                 filters: Filters | None = None, persona: str | None = None, max_tokens: int | None = None,
                 temperature: float | None = None, seed: int | None = None, min_score: float | None = None,
@@ -253,14 +296,15 @@ class KnowledgeBase:
         notice = self._extractive_notice(standalone, extractive)
         # a bad --model fails here, before any work; loading waits until needed
         generator = self.generator if notice is None else None
-        result = self.search_result(standalone, k, mode=mode, filters=filters)
+        threshold = s.min_score if min_score is None else min_score
+        result, assessment, passages = self.evidence_search(standalone, k, mode=mode, filters=filters,
+                                                            min_score=threshold)
         hits = result.hits
         store = self._open_store()
-        timings["retrieve_ms"] = round((time.perf_counter() - t0) * 1000, 1)
-        t = time.perf_counter()
-        assessment, passages = self.assess(standalone, result)
-        timings["evidence_ms"] = round((time.perf_counter() - t) * 1000, 1)
-        threshold = s.min_score if min_score is None else min_score
+        timings["retrieve_ms"] = result.timings["retrieve_ms"]
+        timings["evidence_ms"] = result.timings["evidence_ms"]
+        if "evidence_swapped" in result.timings:
+            timings["evidence_swapped"] = result.timings["evidence_swapped"]
 
         def done(answer: Answer) -> None:
             if log:

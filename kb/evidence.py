@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Sequence
 
-from kb.text import is_unspaced, lexical_terms, unspaced_ratio
+from kb.text import has_unspaced, is_unspaced, lexical_terms, unspaced_ratio
 
 # --- sentences ------------------------------------------------------------------------------------
 
@@ -161,7 +161,8 @@ def split_sentences(text: str) -> list[tuple[int, int]]:
 
 # --- terms ----------------------------------------------------------------------------------------
 
-_WORD = re.compile(r"[^\W_]+", re.UNICODE)
+# Words as kb.text.lexical_terms splits them: a dotted number (1.0.0, 3.14) is one word.
+_WORD = re.compile(r"[0-9]+(?:\.[0-9]+)+|[^\W_]+?(?=[0-9]+(?:\.[0-9]+)+)|[^\W_]+", re.UNICODE)
 
 
 @lru_cache(maxsize=65536)
@@ -188,11 +189,13 @@ class _Tokens:
     spans: list[tuple[int, int]]
 
 
+@lru_cache(maxsize=1024)
 def tokenize(text: str) -> _Tokens:
+    """Cached: a passage is tokenized for its top-k assessment, its pool's, and its quotes (read-only)."""
     keys, spans = [], []
     for m in _WORD.finditer(text):
         run = m.group()
-        if any(is_unspaced(c) for c in run):
+        if has_unspaced(run):
             # split a run into CJK characters and embedded non-CJK words
             for part in re.finditer(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+", run):
                 p = part.group()
@@ -245,9 +248,11 @@ _TYPE_PATTERNS = [
 _TYPE_RES = [(kind, re.compile(en, re.I), re.compile(zh)) for kind, en, zh in _TYPE_PATTERNS]
 
 _YEAR = r"\b(?:1[0-9]{3}|20[0-9]{2})s?\b|\b[0-9]{1,4}\s?(?:BC|AD|BCE|CE)\b"
+# Deictic words (today, yesterday, tomorrow) are left out: out of their page they date nothing, and "Today we
+# announce ..." must not pass for the answer to "on what date ...?".
 _DATE_EN = re.compile(
     _YEAR + r"|\b(?:" + "|".join(_MONTHS) + r")\b\.?|\b\d{1,2}(?:st|nd|rd|th)\b|\b(?:century|centuries|decade|"
-    r"monday|tuesday|wednesday|thursday|friday|saturday|sunday|today|yesterday|tomorrow|spring|summer|autumn|"
+    r"monday|tuesday|wednesday|thursday|friday|saturday|sunday|spring|summer|autumn|"
     r"fall|winter|a\.m\.|p\.m\.|am|pm|o'clock)\b|\b\d{1,2}:\d{2}\b|\b\d{1,4}[-/]\d{1,2}[-/]\d{1,4}\b", re.I)
 _DATE_ZH = re.compile(r"[0-9０-９〇零一二三四五六七八九十百千]+\s*(?:年|月|日|号|世纪|年代|时|点|天|周|星期)|"
                       r"(?:公元|世纪|年代|朝|时期|年间|初期|末期|中期|星期[一二三四五六日天]|周[一二三四五六日])|[0-9]{3,4}")

@@ -7,7 +7,13 @@ import re
 # Han (CJK unified + extension A + compatibility), Hiragana, Katakana: scripts written without spaces.
 _UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _UNSPACED_RUN = re.compile(f"[{_UNSPACED}]+")
-_TOKEN = re.compile(f"[{_UNSPACED}]+|[^\\W_{_UNSPACED}]+", re.UNICODE)
+_UNSPACED_CHAR = re.compile(f"[{_UNSPACED}]")
+_LETTER = re.compile(r"[^\W_]")
+# A dotted number (a version such as 1.0.0, a decimal such as 3.14) is one term, as Lucene's standard tokenizer
+# keeps it: split into 1 / 0 / 0 it would be three of the commonest terms of a corpus and match nothing. A word
+# glued to one ("v1.2.3", "python3.8") gives the word and the number, so that "1.2.3" finds "v1.2.3".
+_VERSION = "[0-9]+(?:\\.[0-9]+)+"
+_TOKEN = re.compile(f"[{_UNSPACED}]+|{_VERSION}|[^\\W_{_UNSPACED}]+?(?={_VERSION})|[^\\W_{_UNSPACED}]+", re.UNICODE)
 
 
 def is_unspaced(ch: str) -> bool:
@@ -20,10 +26,10 @@ def has_unspaced(text: str) -> bool:
 
 def unspaced_ratio(text: str) -> float:
     """Share of the letters of `text` that belong to scripts written without spaces (Chinese, Japanese)."""
-    letters = [c for c in text if c.isalnum()]
+    letters = len(_LETTER.findall(text))
     if not letters:
         return 0.0
-    return sum(1 for c in letters if _UNSPACED_RUN.match(c)) / len(letters)
+    return len(_UNSPACED_CHAR.findall(text)) / letters
 
 
 def lexical_terms(text: str, *, unigrams: bool = True) -> list[str]:

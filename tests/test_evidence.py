@@ -65,7 +65,9 @@ def test_answer_types_in_english_and_chinese():
     spans = type_candidates("* Quill 1.0.0-alpha -- Friday, Jan 9, 2015", "date", question)
     assert spans and all("1.0.0" not in "* Quill 1.0.0-alpha -- Friday, Jan 9, 2015"[a:b] for a, b in spans)
     assert type_candidates("Quill is written in Rust.", "date", question) == []
-    assert question_terms(question) == ["quill", "alpha", "released"]  # "what date" names the type, not the topic
+    # "what date" names the type, not the topic; a version is one term
+    assert question_terms(question) == ["quill", "1.0.0", "alpha", "released"]
+    assert type_candidates("Today we announce the release of Quill 1.0.0.alpha.2!", "date", question) == []
 
 
 def test_evidence_finds_the_date_line_with_offsets_into_the_passage():
@@ -224,7 +226,28 @@ def test_cli_ask_shows_evidence_and_json(releases_kb, home, monkeypatch, fake_em
                               "--extractive"])
     assert out.exit_code == 0, out.output
     assert out.output.startswith("Quill 1.0.0-alpha -- Friday, Jan 9, 2015 [1]")
-    assert "Evidence:" in out.output and "* Quill 1.0.0-alpha -- Friday, Jan 9, 2015”" in out.output
+    assert "* Quill 1.0.0-alpha -- Friday, Jan 9, 2015" in out.output.split("Evidence:")[1].split("Sources:")[0]
     data = json.loads(runner.invoke(cli, ["ask", "番茄每天需要多少小时的阳光？", "--kb", str(home), "--json",
                                           "--extractive"]).output)
     assert data["extractive"] and data["evidence"] and {"n", "text", "start", "end", "score"} <= set(data["evidence"][0])
+
+
+def test_a_passage_just_below_the_top_k_comes_in_for_its_evidence(make_kb, tmp_path):
+    """The chunk that states the date ranks below one that only talks about the release: with k=1, kb still
+    answers from the date line (the pool of 2k passages), and says in its timings that it swapped."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "announce.md").write_text(
+        "# Quill 1.0.0-alpha\n\nQuill 1.0.0-alpha is a milestone: the alpha has every feature of the Quill alpha "
+        "plan, and alpha users love Quill 1.0.0-alpha. Many were released by Quill before it.\n", encoding="utf-8")
+    (docs / "timeline.md").write_text("# Trains\n\nWe release Quill 1.0.0 in stages:\n\n"
+                                      "* Quill 1.0.0-alpha -- Friday, Jan 9, 2015\n* Quill 1.0.0-beta -- Feb 2015\n",
+                                      encoding="utf-8")
+    kb = make_kb()
+    kb.ingest([docs])
+    question = "On what date will Quill 1.0.0-alpha be released?"
+    assert [h.path.rsplit("/", 1)[1] for h in kb.search(question, k=2)] == ["announce.md", "timeline.md"]
+    answer = kb.ask(question, k=1, extractive=True)
+    assert "Jan 9, 2015" in answer.text and answer.sources[0].path.endswith("timeline.md")
+    assert answer.timings["evidence_swapped"] == 1
+    assert kb.ask("Is Quill 1.0.0-alpha released?", k=1, extractive=True).sources[0].path.endswith("announce.md")

@@ -285,3 +285,27 @@ def test_migration_reindexes_cjk_full_text_with_unigrams(make_kb, tmp_path, home
     assert "喜" in terms and "喜光" in terms and "阳台" in terms
     store.close()
     assert make_kb().search("光", k=1, mode="lexical")[0].path.endswith("tomato.md")
+
+
+def test_migration_reindexes_dotted_numbers_as_one_term(make_kb, tmp_path, home):
+    """A home from before m005 (full-text table splitting on '.') is rebuilt so that "1.0.0" is one term."""
+    docs = tmp_path / "notes"
+    docs.mkdir()
+    (docs / "alpha.md").write_text("# Plans\n\nQuill 1.0.0-alpha ships in January.\n", encoding="utf-8")
+    (docs / "other.md").write_text("# Other\n\nWe fixed 1 bug and 0 regressions.\n", encoding="utf-8")
+    kb = make_kb()
+    kb.ingest([docs])
+    kb.close()
+    store = Store(home)
+    with store.db.conn:  # as the previous version wrote it
+        store.db.execute("DROP TABLE chunks_fts")
+        store.db.execute("CREATE VIRTUAL TABLE chunks_fts USING fts5(terms, tokenize='porter unicode61 remove_diacritics 2')")
+        store.db.execute("INSERT INTO chunks_fts (rowid, terms) SELECT id, replace(text, '.', ' ') FROM chunks")
+        store.db.execute("DELETE FROM _migrations WHERE name = 'm005_dotted_numbers_in_full_text'")
+    store.close()
+    store = Store(home)
+    count = "SELECT count(*) FROM chunks_fts WHERE chunks_fts MATCH ?"
+    assert store.db.execute(count, ['"1.0.0"']).fetchone()[0] == 1
+    assert store.db.execute(count, ['"1"']).fetchone()[0] == 1  # before: 1.0.0 was also the terms 1, 0, 0
+    store.close()
+    assert [h.path.rsplit("/", 1)[1] for h in make_kb().search("1.0.0", k=5, mode="lexical")] == ["alpha.md"]

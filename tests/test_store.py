@@ -108,6 +108,22 @@ def test_chinese_lexical_search(backend, tmp_path):
     assert kb.search("绿茶 水温", k=1)[0].path.endswith("tea.md")
 
 
+def test_a_version_number_is_one_lexical_term(backend, tmp_path):
+    """"1.0.0" matches the document that says 1.0.0 (also glued: v1.0.0), not every one with a 1 and a 0."""
+    _, make = backend
+    docs = tmp_path / "versions"
+    docs.mkdir()
+    (docs / "alpha.md").write_text("# Plans\n\nQuill v1.0.0-alpha ships on Friday, Jan 9, 2015.\n", encoding="utf-8")
+    for i in range(4):
+        (docs / f"other{i}.md").write_text(f"# Notes {i}\n\nQuill 1.{i} fixed 10 bugs and 0 regressions in 1 week.\n",
+                                            encoding="utf-8")
+    kb = make()
+    kb.ingest([docs])
+    hits = kb.search("1.0.0", k=5, mode="lexical")
+    assert [h.path.rsplit("/", 1)[1] for h in hits] == ["alpha.md"]
+    assert kb.search("quill 1.2", k=1, mode="lexical")[0].path.endswith("other2.md")
+
+
 def test_answers_conversations_and_the_ask_log(backend, corpus):
     _, make = backend
     kb = make(generator=FakeGenerator(), check_support=False)
@@ -247,3 +263,29 @@ def test_a_home_made_by_the_previous_version_opens(make_kb, corpus, home):
     assert kb.search("Greek alphabet", k=1)[0].path.endswith("alpha.md")
     columns = [r[1] for r in kb._open_store().db.execute("PRAGMA table_info(chunks)")]
     assert "embed_hash" in columns and kb.ingest([corpus]).unchanged
+
+
+def test_a_postgres_database_made_by_the_previous_version_reindexes_dotted_numbers(postgres_url, tmp_path):
+    """Migration m002 re-derives the terms of chunks written when 1.0.0 was the terms 1, 0 and 0."""
+    import psycopg
+
+    from kb.api import KnowledgeBase
+    from kb.store.postgres import tsvector_literal
+
+    docs = tmp_path / "notes"
+    docs.mkdir()
+    (docs / "alpha.md").write_text("# Plans\n\nQuill 1.0.0-alpha ships in January.\n", encoding="utf-8")
+    (docs / "other.md").write_text("# Other\n\nWe fixed 1 bug and 0 regressions.\n", encoding="utf-8")
+    kb = KnowledgeBase(tmp_path / "home", embedder=FakeEmbedder(), store=postgres_url)
+    kb.ingest([docs])
+    kb.close()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:  # as the previous version wrote it
+        conn.execute("UPDATE kb_chunks SET terms = %s::tsvector WHERE text LIKE '%%1.0.0%%'",
+                     [tsvector_literal(["plans", "quill", "1", "0", "0", "alpha", "ships", "in", "january"])])
+        conn.execute("DELETE FROM kb_migrations WHERE name = 'm002_dotted_numbers'")
+    kb = KnowledgeBase(tmp_path / "home", embedder=FakeEmbedder(), store=postgres_url)
+    try:
+        assert [h.path.rsplit("/", 1)[1] for h in kb.search("1.0.0", k=5, mode="lexical")] == ["alpha.md"]
+        assert [h.path.rsplit("/", 1)[1] for h in kb.search("1", k=5, mode="lexical")] == ["other.md"]
+    finally:
+        kb.close()

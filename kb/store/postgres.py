@@ -83,6 +83,24 @@ MIGRATIONS = [
 ]
 
 
+def m002_dotted_numbers(conn) -> None:
+    """Dotted numbers (versions, decimals) are now one term (kb.text.lexical_terms): re-derive the terms of the
+    chunks that hold one. The chunks table exists only once a model is bound; a new database has nothing to do."""
+    if not conn.execute("SELECT to_regclass('kb_chunks') IS NOT NULL").fetchone()[0]:
+        return
+    rows = conn.execute(
+        "SELECT c.id, d.title, c.heading, c.text FROM kb_chunks c JOIN kb_documents d ON d.id = c.doc_id "
+        "WHERE concat_ws(' ', d.title, c.heading, c.text) ~ '[0-9][.][0-9]'").fetchall()
+    with conn.cursor() as cur:
+        for chunk_id, title, heading, text in rows:
+            terms = chunk_term_list(title, heading, text)
+            cur.execute("UPDATE kb_chunks SET terms = %s::tsvector, n_terms = %s WHERE id = %s",
+                        [tsvector_literal(terms), len(terms), chunk_id])
+
+
+MIGRATIONS.append(("m002_dotted_numbers", m002_dotted_numbers))
+
+
 def _chunks_table(dim: int) -> str:
     """The chunks table, created once the embedding model (and so the dimension) is known."""
     return f"""
@@ -195,9 +213,9 @@ class PostgresStore:
             self.conn.execute("SELECT pg_advisory_xact_lock(%s)", [_LOCK_KEY + 1])
             self.conn.execute("CREATE TABLE IF NOT EXISTS kb_migrations (name text PRIMARY KEY, applied_at double precision)")
             done = {r[0] for r in self.conn.execute("SELECT name FROM kb_migrations")}
-            for name, sql in MIGRATIONS:
+            for name, step in MIGRATIONS:
                 if name not in done:
-                    self.conn.execute(sql)
+                    step(self.conn) if callable(step) else self.conn.execute(step)
                     self.conn.execute("INSERT INTO kb_migrations VALUES (%s, %s)", [name, time.time()])
         if self._table_exists("kb_chunks"):
             self._register()

@@ -32,6 +32,7 @@ DB_NAME = "kb.db"
 INDEX_NAME = "vectors.faiss"
 LOCK_NAME = "write.lock"
 _INDEX_MAGIC = b"KBFAISS1"
+FTS_TOKENIZER = "porter unicode61 remove_diacritics 2 tokenchars '.'"
 
 MIGRATIONS = []
 
@@ -125,6 +126,17 @@ def m004_chunk_embed_hash(db: sqlite_utils.Database) -> None:
     untouched section of an edited one) reuses its vector. Chunks stored before have none and are re-embedded."""
     db.execute("ALTER TABLE chunks ADD COLUMN embed_hash TEXT")
     db.execute("CREATE INDEX idx_chunks_embed_hash ON chunks (embed_hash)")
+
+
+@migration
+def m005_dotted_numbers_in_full_text(db: sqlite_utils.Database) -> None:
+    """Dotted numbers (versions, decimals) are now one term (kb.text.lexical_terms): the full-text table keeps '.'
+    inside a token, and every row is re-derived. kb's stored terms hold no other '.', so nothing else changes."""
+    db.execute("DROP TABLE IF EXISTS chunks_fts")
+    db.execute(f"CREATE VIRTUAL TABLE chunks_fts USING fts5(terms, tokenize=\"{FTS_TOKENIZER}\")")
+    rows = db.execute("SELECT c.id, d.title, c.heading, c.text FROM chunks c JOIN documents d ON d.id = c.doc_id")
+    db.conn.executemany("INSERT INTO chunks_fts (rowid, terms) VALUES (?, ?)",
+                        ((i, chunk_terms(t, h, x)) for i, t, h, x in rows))
 
 
 @contextmanager
