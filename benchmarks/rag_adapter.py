@@ -6,8 +6,10 @@ For each question set (xquad.en, then cmrc2018_trial):
    adapter never sees a test question nor a test passage's questions), 20% of examples with the answering
    passage left out (target: kb's refusal).
 3. `kb finetune` on it in its own process: seconds per step (warm-up excluded) and peak RSS.
-4. `kb eval answers --split test` without and with the adapter, with kb's support check on (what users get)
-   and off (the model's own answers): answer-contains-gold, F1, citation accuracy, refusal.
+4. `kb eval answers --split test` without and with the adapter, as users get them (support check on, a model's
+   refusal overruled by strong evidence), and with the adapter once more with the model's refusals standing
+   (`overrule_refusal = 1`): answer-contains-gold (what the user reads, and `generated_contains_gold` for the
+   model's own text), F1, citation accuracy, refusal, and how often evidence replaced or overruled the model.
 
 The bundled model is English-only, so for Chinese kb would answer extractively; the cmrc run forces
 generation (`model_languages = en,zh`) so that the adapter's effect on the model is what is measured.
@@ -38,7 +40,7 @@ from kb.evaluate import HELD_OUT_SHARE, _open_eval_kb, eval_answers, held_out, l
 QA = ROOT.parent / "shared" / "data" / "qa"
 WARM_UP_STEPS = 2
 REPORTED = ("answer_contains_gold", "f1", "citation_accuracy", "refused_answerable", "refused_unanswerable",
-            "generated_contains_gold", "replaced_by_evidence")
+            "generated_contains_gold", "replaced_by_evidence", "refusal_overruled", "refusal_overruled_unanswerable")
 
 
 def run_set(name: str, args, keep: Path) -> dict:
@@ -77,13 +79,12 @@ def run_set(name: str, args, keep: Path) -> dict:
                     "wall_minutes": round(wall / 60, 1), "peak_rss_mb": round(peak_rss_mb),
                     "final_loss": card["final_loss"], "kind": card.get("kind")}
     gguf = adapter_home / "adapters" / f"{adapter}.gguf"
-    for support in (True, False):
-        for label, extra in (("base", {}), ("adapter", {"adapter": str(gguf)})):
-            r = eval_answers(path, limit=args.limit, home=home, split="test", split_by=args.split_by,
-                             check_support=support, **options, **extra)
-            key = f"test_{'support' if support else 'no_support'}_{label}"
-            out[key] = {"questions": r["questions"], "unanswerable": r["unanswerable_questions"],
-                        **{m: r[m] for m in REPORTED}}
+    runs = (("base", {}), ("adapter", {"adapter": str(gguf)}),
+            ("adapter_refusal_stands", {"adapter": str(gguf), "overrule_refusal": 1.0}))
+    for label, extra in runs:
+        r = eval_answers(path, limit=args.limit, home=home, split="test", split_by=args.split_by, **options, **extra)
+        out[f"test_{label}"] = {"questions": r["questions"], "unanswerable": r["unanswerable_questions"],
+                                **{m: r[m] for m in REPORTED}}
     return out
 
 

@@ -65,8 +65,9 @@ class Answer:
     answerability: float = 0.0
     extractive: bool = False
     notice: str = ""  # one line for the reader, e.g. why the answer is extractive
-    generated: str = ""  # the model's own answer when it was replaced by the evidence (not supported)
+    generated: str = ""  # the model's own answer when it was replaced by the evidence (not supported, or a refusal)
     support: float | None = None  # share of the generated answer's own words found in the passages it cites
+    refusal_overruled: bool = False  # the model refused, but the evidence was strong enough to answer with it
 
     def quotes(self) -> list[Evidence]:
         """The evidence as a reader sees it: neighbouring sentences of one source joined into one quote."""
@@ -86,6 +87,7 @@ class Answer:
             "notice": self.notice,
             "generated": self.generated,
             "support": self.support,
+            "refusal_overruled": self.refusal_overruled,
         }
 
 
@@ -121,6 +123,8 @@ def extractive_text(evidence: list[Evidence]) -> str:
 SUPPORTED = 0.75
 UNSUPPORTED_NOTICE = ("The model's answer was not supported by the passages it cited; "
                       "the answer is the evidence itself, quoted from your documents.")
+OVERRULED_NOTICE = ("The model said the documents do not answer this, but they hold strong evidence for it; "
+                    "the answer is the evidence itself, quoted from your documents.")
 
 
 def support(body: str, question: str, sources: list[Source]) -> float:
@@ -319,7 +323,7 @@ class AnswerStream:
                  timings: dict, pieces: Iterator[str] | None, on_done: Callable[[Answer], None] | None,
                  text: str = "", prefill: str = "", evidence: list[Evidence] | None = None,
                  answerability: float = 0.0, extractive: bool = False, notice: str = "",
-                 fallback: str = ""):
+                 fallback: str = "", refusal_fallback: str = ""):
         self.question = question
         self.standalone = standalone
         self.sources = sources
@@ -336,6 +340,8 @@ class AnswerStream:
         self._text = text
         self._prefill = prefill
         self._fallback = fallback  # the extractive answer that replaces a generated one the passages do not support
+        self._refusal_fallback = refusal_fallback  # ... that replaces the model's refusal (strong evidence only)
+        self._overruled = False
         self._generated = ""
         self._support: float | None = None
         self._started = time.perf_counter()
@@ -389,18 +395,28 @@ class AnswerStream:
         self.timings["citations_removed"] = sorted(citations.removed)
         text = tidy("".join(parts))
         if _REFUSES.search(_CITATION_MARK.sub("", _FRAMING.sub("", text))[:200]):  # the model says the passages lack it
-            self.refused, text = True, refusal_text(self.question)
-            for s in self.sources:
-                s.cited = False
+            if self._refusal_fallback:
+                self._overruled = True
+                yield from self._replace(text, self._refusal_fallback, OVERRULED_NOTICE)
+                text = self._refusal_fallback
+            else:
+                self.refused, text = True, refusal_text(self.question)
+                for s in self.sources:
+                    s.cited = False
         elif self._fallback:
             self._support = round(support(_FRAMING.sub("", text), self.standalone, self.sources), 4)
             if self._support < SUPPORTED:
-                self._generated, text, self.notice = text, self._fallback, UNSUPPORTED_NOTICE
-                cited = {int(n) for n in re.findall(r"\[(\d+)\]", text)}
-                for s in self.sources:
-                    s.cited = s.n in cited
-                yield f"\n\n({self.notice})\n{text}"
+                yield from self._replace(text, self._fallback, UNSUPPORTED_NOTICE)
+                text = self._fallback
         self._finish(text)
+
+    def _replace(self, generated: str, text: str, notice: str) -> Iterator[str]:
+        """The evidence answer in place of what the model wrote, saying why; the model's text kept aside."""
+        self._generated, self.notice = generated, notice
+        cited = {int(n) for n in re.findall(r"\[(\d+)\]", text)}
+        for s in self.sources:
+            s.cited = s.n in cited
+        yield f"\n\n({notice})\n{text}"
 
     def _t0(self) -> float:
         return self.timings.get("_t0", self._started)
@@ -412,7 +428,7 @@ class AnswerStream:
                              model=self.model, timings=self.timings, standalone_question=self.standalone,
                              evidence=self.evidence, answerability=self.answerability,
                              extractive=self.extractive, notice=self.notice, generated=self._generated,
-                             support=self._support)
+                             support=self._support, refusal_overruled=self._overruled)
         if self._on_done:
             self._on_done(self.answer)
 
@@ -425,4 +441,4 @@ class AnswerStream:
 
 
 __all__ = ["Answer", "AnswerStream", "Source", "CitationFilter", "pack_passages", "refusal_text", "tidy",
-           "evidence_block", "extractive_text", "support", "SUPPORTED"]
+           "evidence_block", "extractive_text", "support", "SUPPORTED", "OVERRULED_NOTICE"]

@@ -481,6 +481,7 @@ def eval_retrieval_command(file, home, mode, limit, keep, as_json):
 
 ANSWER_COLUMNS = [("exact_match", "EM"), ("f1", "F1"), ("answer_contains_gold", "ans⊇gold"),
                   ("generated_contains_gold", "gen⊇gold"), ("replaced_by_evidence", "replaced"),
+                  ("refusal_overruled", "overruled"),
                   ("evidence_top1", "ev@1"), ("evidence_top3", "ev@3"), ("citation_accuracy", "cite"),
                   ("refused_answerable", "refused(ans)"), ("refused_unanswerable", "refused(unans)")]
 

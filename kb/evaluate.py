@@ -317,7 +317,8 @@ def eval_answers(path, *, limit: int | None = None, home=None, progress=None, on
                 "citation_accuracy": float(bool(cited & q["relevant"].keys())),
                 "refused_answerable": float(answer.refused),
                 "extractive": float(answer.extractive),
-                "replaced_by_evidence": float(bool(answer.generated)),
+                "replaced_by_evidence": float(bool(answer.generated) and not answer.refusal_overruled),
+                "refusal_overruled": float(answer.refusal_overruled),
                 "generated_contains_gold": float(not answer.refused and not answer.extractive and contains_gold(
                     answer_body(answer.generated or answer.text), q["answers"])),
                 "answer_chars": len(body),
@@ -328,10 +329,11 @@ def eval_answers(path, *, limit: int | None = None, home=None, progress=None, on
                                 "refused": answer.refused, "answerability": answer.answerability, **row})
             if on_question:
                 on_question(q, answer, e, f)
-        refused = 0
+        refused = overruled = 0
         for q in unanswerable:
             answer = kb.ask(q["question"], log=False, **(ask_options or {}))
             refused += answer.refused
+            overruled += answer.refusal_overruled
             if details:
                 records.append({"id": q["id"], "question": q["question"], "unanswerable": True, "answer": answer.text,
                                 "refused": answer.refused, "answerability": answer.answerability})
@@ -348,6 +350,7 @@ def eval_answers(path, *, limit: int | None = None, home=None, progress=None, on
         **{key: round(sums[key] / n, 4) if n else 0.0 for key in ANSWER_METRICS},
         "unanswerable_questions": len(unanswerable),
         "refused_unanswerable": round(refused / len(unanswerable), 4) if unanswerable else 0.0,
+        "refusal_overruled_unanswerable": round(overruled / len(unanswerable), 4) if unanswerable else 0.0,
     }
     if details:
         result["details"] = records
@@ -356,7 +359,7 @@ def eval_answers(path, *, limit: int | None = None, home=None, progress=None, on
 
 ANSWER_METRICS = ("exact_match", "f1", "answer_contains_gold", "evidence_top1", "evidence_top3",
                   "citation_accuracy", "refused_answerable", "extractive", "replaced_by_evidence",
-                  "generated_contains_gold", "answer_chars")
+                  "refusal_overruled", "generated_contains_gold", "answer_chars")
 
 
 __all__ = ["EvalSet", "load_squad", "load_beir", "load_eval_set", "eval_retrieval", "eval_answers",

@@ -51,6 +51,8 @@ MODEL = (
 ANSWER = (
     Option("min_score", ("--min-score",), float, "Answerability below which kb refuses to answer (default 0.5; 0 never refuses)."),
     Option("extractive", ("--extractive",), bool, "Answer with the best evidence itself, quoted and cited, without the chat model.", True),
+    Option("overrule_refusal", ("--overrule-refusal",), float,
+           "Answerability at which the evidence answers although the model refused (default 0.8; 1 never)."),
 )
 RETRIEVAL = (
     Option("top_k", ("-k",), int, "Passages to retrieve (default 5)."),

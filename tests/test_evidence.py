@@ -251,3 +251,22 @@ def test_a_passage_just_below_the_top_k_comes_in_for_its_evidence(make_kb, tmp_p
     assert "Jan 9, 2015" in answer.text and answer.sources[0].path.endswith("timeline.md")
     assert answer.timings["evidence_swapped"] == 1
     assert kb.ask("Is Quill 1.0.0-alpha released?", k=1, extractive=True).sources[0].path.endswith("announce.md")
+
+
+def test_a_model_refusal_is_overruled_only_by_strong_evidence(releases_kb):
+    """The model says the documents lack the answer: kb answers with the evidence (saying so) when the
+    answerability is at `overrule_refusal` or above; below it, or with 1, the model's refusal stands."""
+    refuser = FakeGenerator(reply="The documents do not contain an answer to this question.")
+    question = "On what date will Quill 1.0.0-alpha be released?"
+    answer = releases_kb(generator=refuser, overrule_refusal=0.5).ask(question)
+    strength = answer.answerability
+    assert strength >= 0.5 and answer.refusal_overruled and not answer.refused
+    assert "Jan 9, 2015" in answer.text and answer.text.endswith("[1]") and answer.sources[0].cited
+    assert "do not contain" in answer.generated and "do not answer this" in answer.notice
+    assert releases_kb(generator=refuser, overrule_refusal=strength).ask(question).refusal_overruled
+    for threshold in (min(strength + 0.001, 1.0), 1.0):
+        kept = releases_kb(generator=refuser, overrule_refusal=threshold).ask(question)
+        assert kept.refused and not kept.refusal_overruled and kept.text.startswith("The documents do not contain")
+    stream = releases_kb(generator=refuser, overrule_refusal=0.5).ask_stream(question)
+    streamed = "".join(stream)
+    assert "do not answer this" in streamed and stream.answer.text in streamed
