@@ -129,8 +129,8 @@ OVERRULED_NOTICE = ("The model said the documents do not answer this, but they h
 
 def support(body: str, question: str, sources: list[Source]) -> float:
     """Share of the answer's own content words (stemmed words, numbers, even one digit, CJK characters; the
-    question's words aside) found in the sources it cites, or in all of them when it cites none. 0 for an answer that says nothing
-    beyond the question ("the answer is [2]")."""
+    question's words aside) found in the sources it cites, or in all of them when it cites none. 0 for an
+    answer that says nothing beyond the question ("the answer is [2]")."""
     from kb.evidence import STOP_WORDS, tokenize
 
     asked = set(tokenize(question).keys)

@@ -267,7 +267,8 @@ class KnowledgeBase:
         score = [best.get(i + 1, float("-inf")) for i in range(len(pool.hits))]
         # a passage from below comes in only with a sentence stronger than any of the top k's, in place of the
         # top k's weakest passage: a pool of near-equals leaves retrieval's choice alone
-        stronger = sorted((i for i in range(k, len(pool.hits)) if score[i] > max(score[:k])), key=lambda i: -score[i])[:k]
+        stronger = sorted((i for i in range(k, len(pool.hits)) if score[i] > max(score[:k])),
+                          key=lambda i: -score[i])[:k]
         chosen = sorted(sorted(range(k), key=lambda i: -score[i])[:k - len(stronger)] + stronger)
         if chosen != list(range(k)):
             top = SearchResult(hits=[pool.hits[i] for i in chosen], mode=pool.mode, timings=timings,

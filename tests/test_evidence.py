@@ -270,3 +270,21 @@ def test_a_model_refusal_is_overruled_only_by_strong_evidence(releases_kb):
     stream = releases_kb(generator=refuser, overrule_refusal=0.5).ask_stream(question)
     streamed = "".join(stream)
     assert "do not answer this" in streamed and stream.answer.text in streamed
+
+
+def test_a_sentence_that_opens_with_a_pronoun_speaks_of_the_sentence_before(monkeypatch):
+    """"它的根部 ..." (its roots) answers a question about 大果西番莲's roots although the name is in the sentence
+    before; the same holds through a chain of pronouns ("Its scales ... It eats ...")."""
+    import kb.evidence
+
+    text = "大果西番莲是西番莲属的植物中果实最大的一种。大果西番莲有时候会在温室中种植。它的根部可用来当作催吐剂与麻醉药品。"
+    q = prepare_question("大果西番莲的根部有什么作用？", flat_doc_freqs)
+    assert select_evidence(assess(q, [Passage(n=1, text=text)]).scored, 1)[0].text.startswith("它的根部")
+    monkeypatch.setattr(kb.evidence, "ANAPHORA", 0.0)
+    assert not select_evidence(assess(q, [Passage(n=1, text=text)]).scored, 1)[0].text.startswith("它的根部")
+    text = "The pangolin lives in Asia. Its scales are keratin. It eats ants and termites."
+    q = prepare_question("What does the pangolin eat?", flat_doc_freqs)
+    without = {e.text: e.score for e in assess(q, [Passage(n=1, text=text)]).scored}
+    monkeypatch.undo()
+    scored = {e.text: e.score for e in assess(q, [Passage(n=1, text=text)]).scored}
+    assert scored["It eats ants and termites."] > without["It eats ants and termites."] + 0.1

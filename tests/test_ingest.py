@@ -287,7 +287,7 @@ def test_migration_reindexes_cjk_full_text_with_unigrams(make_kb, tmp_path, home
     assert make_kb().search("光", k=1, mode="lexical")[0].path.endswith("tomato.md")
 
 
-def test_migration_reindexes_dotted_numbers_as_one_term(make_kb, tmp_path, home):
+def test_migration_reindexes_dotted_numbers_as_one_term(make_kb, tmp_path, home, capsys):
     """A home from before m005 (full-text table splitting on '.') is rebuilt so that "1.0.0" is one term."""
     docs = tmp_path / "notes"
     docs.mkdir()
@@ -303,7 +303,9 @@ def test_migration_reindexes_dotted_numbers_as_one_term(make_kb, tmp_path, home)
         store.db.execute("INSERT INTO chunks_fts (rowid, terms) SELECT id, replace(text, '.', ' ') FROM chunks")
         store.db.execute("DELETE FROM _migrations WHERE name = 'm005_dotted_numbers_in_full_text'")
     store.close()
+    capsys.readouterr()
     store = Store(home)
+    assert "upgrading the index" in capsys.readouterr().err  # a long migration is never a silent hang
     count = "SELECT count(*) FROM chunks_fts WHERE chunks_fts MATCH ?"
     assert store.db.execute(count, ['"1.0.0"']).fetchone()[0] == 1
     assert store.db.execute(count, ['"1"']).fetchone()[0] == 1  # before: 1.0.0 was also the terms 1, 0, 0

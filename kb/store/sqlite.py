@@ -13,6 +13,7 @@ import json
 import os
 import sqlite3
 import struct
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -159,10 +160,13 @@ def transaction(db: sqlite_utils.Database) -> Iterator[None]:
     conn.commit()
 
 
-def migrate(db: sqlite_utils.Database) -> None:
+def migrate(db: sqlite_utils.Database, where: str = "") -> None:
     """Apply the migrations this database has not seen yet, each once, in order."""
     db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL)")
     done = {row[0] for row in db.execute("SELECT name FROM _migrations").fetchall()}
+    if done and any(fn.__name__ not in done for fn in MIGRATIONS):
+        # a home written by an earlier kb: some migrations re-derive every chunk's terms (minutes at 1M chunks)
+        print(f"kb: upgrading the index {where} to this version of kb (once)", file=sys.stderr, flush=True)
     for fn in MIGRATIONS:
         if fn.__name__ in done:
             continue
@@ -334,7 +338,7 @@ class SQLiteStore:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
-            migrate(self.db)
+            migrate(self.db, str(self.db_path))
         except sqlite3.DatabaseError as e:
             conn.close()
             raise DamagedIndex(f"the knowledge base database {self.db_path} is damaged ({e})",
