@@ -343,12 +343,12 @@ class KnowledgeBase:
             temperature=s.temperature if temperature is None else temperature,
             seed=s.seed if seed is None else seed,
         )
-        fallback = extractive_text(prompt.evidence) if s.check_support else ""
+        quoted = extractive_text(prompt.evidence)
         strong = s.overrule_refusal < 1 and assessment.answerability >= s.overrule_refusal
-        overrule = extractive_text(prompt.evidence) if strong else ""
         return AnswerStream(sources=prompt.sources, refused=False, model=generator.model_id, pieces=pieces,
-                            prefill=prompt.prefill, evidence=prompt.evidence, fallback=fallback,
-                            refusal_fallback=overrule, **common)
+                            prefill=prompt.prefill, evidence=prompt.evidence,
+                            fallback=quoted if s.check_support else "",
+                            refusal_fallback=quoted if strong else "", **common)
 
     @staticmethod
     def usable_passages(assessment: Assessment, passages: list[Passage], hits: list[Hit],

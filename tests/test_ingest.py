@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA, FakeEmbedder
+from conftest import SHARED_DATA, FakeEmbedder, as_before_migration, write_dotted_notes
 from kb.errors import Locked, ModelMismatch, NotIngested
 from kb.store.sqlite import SQLiteStore as Store, write_lock
 
@@ -275,11 +275,8 @@ def test_migration_reindexes_cjk_full_text_with_unigrams(make_kb, tmp_path, home
     kb = make_kb()
     kb.ingest([docs])
     kb.close()
-    store = Store(home)
-    with store.db.conn:  # as an index written before m003: bigrams only
-        store.db.execute("UPDATE chunks_fts SET terms = '番茄 茄是 是喜'")
-        store.db.execute("DELETE FROM _migrations WHERE name = 'm003_cjk_unigrams_in_full_text'")
-    store.close()
+    # as an index written before m003: bigrams only
+    as_before_migration(home, "m003_cjk_unigrams_in_full_text", "UPDATE chunks_fts SET terms = '番茄 茄是 是喜'")
     store = Store(home)
     terms = store.db.execute("SELECT terms FROM chunks_fts").fetchone()[0].split()
     assert "喜" in terms and "喜光" in terms and "阳台" in terms
@@ -289,20 +286,13 @@ def test_migration_reindexes_cjk_full_text_with_unigrams(make_kb, tmp_path, home
 
 def test_migration_reindexes_dotted_numbers_as_one_term(make_kb, tmp_path, home, capsys):
     """A home from before m005 (full-text table splitting on '.') is rebuilt so that "1.0.0" is one term."""
-    docs = tmp_path / "notes"
-    docs.mkdir()
-    (docs / "alpha.md").write_text("# Plans\n\nQuill 1.0.0-alpha ships in January.\n", encoding="utf-8")
-    (docs / "other.md").write_text("# Other\n\nWe fixed 1 bug and 0 regressions.\n", encoding="utf-8")
     kb = make_kb()
-    kb.ingest([docs])
+    kb.ingest([write_dotted_notes(tmp_path / "notes")])
     kb.close()
-    store = Store(home)
-    with store.db.conn:  # as the previous version wrote it
-        store.db.execute("DROP TABLE chunks_fts")
-        store.db.execute("CREATE VIRTUAL TABLE chunks_fts USING fts5(terms, tokenize='porter unicode61 remove_diacritics 2')")
-        store.db.execute("INSERT INTO chunks_fts (rowid, terms) SELECT id, replace(text, '.', ' ') FROM chunks")
-        store.db.execute("DELETE FROM _migrations WHERE name = 'm005_dotted_numbers_in_full_text'")
-    store.close()
+    as_before_migration(
+        home, "m005_dotted_numbers_in_full_text", "DROP TABLE chunks_fts",
+        "CREATE VIRTUAL TABLE chunks_fts USING fts5(terms, tokenize='porter unicode61 remove_diacritics 2')",
+        "INSERT INTO chunks_fts (rowid, terms) SELECT id, replace(text, '.', ' ') FROM chunks")
     capsys.readouterr()
     store = Store(home)
     assert "upgrading the index" in capsys.readouterr().err  # a long migration is never a silent hang

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FakeEmbedder, FakeGenerator
+from conftest import FakeEmbedder, FakeGenerator, as_before_migration, write_dotted_notes
 from kb.errors import Locked, ModelMismatch, NotIngested
 from kb.store import Filters
 
@@ -248,17 +248,11 @@ def test_tsvector_literals_keep_kb_terms_exact():
 
 def test_a_home_made_by_the_previous_version_opens(make_kb, corpus, home):
     """A SQLite home from before the embed_hash column (migration m004) opens, migrates, and re-ingests."""
-    from kb.store.sqlite import SQLiteStore
-
     kb = make_kb()
     kb.ingest([corpus])
     kb.close()
-    store = SQLiteStore(home)
-    with store.db.conn:  # as the previous version wrote it
-        store.db.execute("DROP INDEX idx_chunks_embed_hash")
-        store.db.execute("ALTER TABLE chunks DROP COLUMN embed_hash")
-        store.db.execute("DELETE FROM _migrations WHERE name = 'm004_chunk_embed_hash'")
-    store.close()
+    as_before_migration(home, "m004_chunk_embed_hash", "DROP INDEX idx_chunks_embed_hash",
+                        "ALTER TABLE chunks DROP COLUMN embed_hash")
     kb = make_kb()
     assert kb.search("Greek alphabet", k=1)[0].path.endswith("alpha.md")
     columns = [r[1] for r in kb._open_store().db.execute("PRAGMA table_info(chunks)")]
@@ -272,12 +266,8 @@ def test_a_postgres_database_made_by_the_previous_version_reindexes_dotted_numbe
     from kb.api import KnowledgeBase
     from kb.store.postgres import tsvector_literal
 
-    docs = tmp_path / "notes"
-    docs.mkdir()
-    (docs / "alpha.md").write_text("# Plans\n\nQuill 1.0.0-alpha ships in January.\n", encoding="utf-8")
-    (docs / "other.md").write_text("# Other\n\nWe fixed 1 bug and 0 regressions.\n", encoding="utf-8")
     kb = KnowledgeBase(tmp_path / "home", embedder=FakeEmbedder(), store=postgres_url)
-    kb.ingest([docs])
+    kb.ingest([write_dotted_notes(tmp_path / "notes")])
     kb.close()
     with psycopg.connect(postgres_url, autocommit=True) as conn:  # as the previous version wrote it
         conn.execute("UPDATE kb_chunks SET terms = %s::tsvector WHERE text LIKE '%%1.0.0%%'",
