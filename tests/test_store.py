@@ -199,7 +199,9 @@ TWO_WRITERS = textwrap.dedent("""
     from conftest import FakeEmbedder
     from kb.api import KnowledgeBase
     waits = []
-    report = KnowledgeBase({home!r}, embedder=FakeEmbedder(delay=0.05), store={url!r}).ingest(
+    # the first writer embeds for a second under the lock: longer than the two processes' start-up times differ
+    # (with 0.05 s it could finish before the other reached the lock, and nobody waited)
+    report = KnowledgeBase({home!r}, embedder=FakeEmbedder(delay=1.0), store={url!r}).ingest(
         [{docs!r}], wait=120, on_wait=waits.append)
     print(len(report.added), len(report.unchanged), len(waits), flush=True)
 """)
