@@ -50,14 +50,15 @@ class SyntheticCorpus:
 
 def fill_store(store, corpus: SyntheticCorpus, n_chunks: int, *, per_doc: int = 50, progress=None) -> list[str]:
     """Put `n_chunks` synthetic chunks into `store` through the store protocol (as an ingest with vectors
-    given would), `per_doc` per document, one document per transaction. Every tenth document carries the
-    tag `t0` .. `t9` of its number, for filtered searches that keep a tenth. Returns sample texts (for
-    queries)."""
+    given would: prepare_writes, then save_vectors at the end), `per_doc` per document, one document per
+    transaction. Every tenth document carries the tag `t0` .. `t9` of its number, for filtered searches that
+    keep a tenth. Returns sample texts (for queries)."""
     from kb.types import Chunk
 
     samples: list[str] = []
     docs = n_chunks // per_doc
     batch_docs = max(1, 10_000 // per_doc)
+    store.prepare_writes(expected_files=docs)
     for first in range(0, docs, batch_docs):
         count = min(batch_docs, docs - first)
         texts = corpus.chunks(count * per_doc)

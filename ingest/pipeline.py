@@ -120,16 +120,16 @@ def run_ingest(
     emit({"event": "start", "files": len(todo), "unchanged": len(report.unchanged),
           "removed": len(report.removed) + len(vanished)})
     if todo:
-        store.prepare_writes()
+        store.prepare_writes(expected_files=len(todo))
         _embed_and_store(store, embedder, todo, report, timings, chunk_overlap, batch_size,
                          checkpoint_seconds, emit, ocr=ocr, workers=workers, parse_timeout=parse_timeout)
     for path in vanished:
         store.delete_document(path)
         report.removed.append(path)
-    if todo or report.removed:
-        t = time.perf_counter()
-        store.save_vectors()
-        timings["store"] += time.perf_counter() - t
+    # also after an ingest that changed nothing: one that stopped half-way may have left the vectors unsaved
+    t = time.perf_counter()
+    store.save_vectors()
+    timings["store"] += time.perf_counter() - t
 
     report.seconds = time.time() - started
     report.timings = {k: round(v, 3) for k, v in timings.items()}
@@ -237,7 +237,7 @@ def _embed_and_store(store, embedder, todo, report, timings, overlap, batch_size
         done_files += len(pending)
         pending, texts = [], []
         if time.monotonic() - last_checkpoint > checkpoint_seconds:
-            store.save_vectors()
+            store.save_vectors(final=False)
             last_checkpoint = time.monotonic()
         timings["store"] += time.perf_counter() - t
         elapsed = max(time.monotonic() - t_start, 1e-9)

@@ -17,6 +17,7 @@ script, hybrid search leaves the dense ranking out for that query. Models that d
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -91,15 +92,18 @@ class Retriever:
             # The embedder's model card does not list the query's language: its ranking is noise here.
             mode = "lexical"
             timings["dense_skipped"] = True
-        if mode in ("dense", "hybrid"):
-            t = time.perf_counter()
-            vector = self.embedder.embed_query(query)
-            dense = self._dense(vector, n, filters)
-            timings["dense_ms"] = (time.perf_counter() - t) * 1000
+        # hybrid: the query is embedded in a thread while the full-text search runs (both release the GIL;
+        # the store's connection stays in this thread)
+        embedding = _threads().submit(self.embedder.embed_query, query) if mode == "hybrid" else None
         if mode in ("lexical", "hybrid"):
             t = time.perf_counter()
             lexical = self.store.lexical_search(self._informative_terms(query, mode), n, filters)
             timings["lexical_ms"] = (time.perf_counter() - t) * 1000
+        if mode in ("dense", "hybrid"):
+            t = time.perf_counter()
+            vector = embedding.result() if embedding else self.embedder.embed_query(query)
+            dense = self._dense(vector, n, filters)
+            timings["dense_ms"] = (time.perf_counter() - t) * 1000  # what embedding left to wait for, and the search
         if timings.get("dense_skipped") and not lexical:
             t = time.perf_counter()
             vector = self.embedder.embed_query(query)
@@ -139,6 +143,16 @@ class Retriever:
     def _dense(self, vector: np.ndarray, n: int, filters: Filters | None) -> list[tuple[int, float]]:
         self.store.check_model(self.embedder.model_id)
         return self.store.dense_search(vector, n, filters)
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _threads() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kb-embed-query")
+    return _POOL
 
 
 def _zscores(scored: list[tuple[int, float]]) -> tuple[dict[int, float], float, float]:

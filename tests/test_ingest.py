@@ -301,3 +301,48 @@ def test_migration_reindexes_dotted_numbers_as_one_term(make_kb, tmp_path, home,
     assert store.db.execute(count, ['"1"']).fetchone()[0] == 1  # before: 1.0.0 was also the terms 1, 0, 0
     store.close()
     assert [h.path.rsplit("/", 1)[1] for h in make_kb().search("1.0.0", k=5, mode="lexical")] == ["alpha.md"]
+
+
+def test_a_large_vector_cache_becomes_an_inverted_file_index(make_kb, tmp_path, home, monkeypatch):
+    """From IVF_FROM vectors on (here lowered to 100), the end of an ingest trains an IVF index; searches,
+    filters, deletions, re-opening and growth keep working on it, and it agrees with the exact scan."""
+    import kb.store.sqlite as sqlite_store
+    from kb.retriever import Filters
+
+    monkeypatch.setattr(sqlite_store, "IVF_FROM", 100)
+    docs = tmp_path / "many"
+    words = [a + b for a in ("ka", "ro", "mi", "te", "su", "na", "lo", "vi") for b in ("tor", "gal", "ben", "fis", "dre")]
+
+    def note(i: int) -> str:
+        return f"Note {i} is about the {words[i % 40]} {words[i * 7 % 39]} {words[i * 13 % 37]}."
+
+    for i in range(240):
+        folder = docs / ("rare" if i % 40 == 0 else "common")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"n{i:03}.md").write_text(f"# Note {i}\n\n{note(i)}\n")
+    kb = make_kb()
+    kb.ingest([docs])
+    store = kb._open_store()
+    vi = store.vectors()
+    assert vi._ivf() is not None and vi.size == store.counts()[1]
+    assert sorted(vi.ids().tolist()) == sorted(r[0] for r in store.db.execute("SELECT id FROM chunks"))
+    query = note(123)
+    assert kb.search(query, k=1, mode="dense")[0].path.endswith("n123.md")
+    hits = kb.search(query, k=5, mode="dense", filters=Filters(path="*/rare/*"))
+    assert len(hits) == 5 and all("/rare/" in h.path for h in hits)  # 6 rare notes: exact among them
+    (docs / "common" / "n123.md").unlink()
+    kb.ingest([docs])
+    assert not any(h.path.endswith("n123.md") for h in kb.search(query, k=10, mode="dense"))
+    kb.close()
+    reopened = make_kb()
+    vi = reopened._open_store().vectors()  # from the file on disk
+    assert vi._ivf() is not None and vi.size == 239
+    for i in (7, 77, 201):
+        vector = reopened.embedder.embed_query(note(i))
+        exact = max(vector @ np.vstack(list(reopened._open_store().chunk_vectors(vi.ids().tolist()).values())).T)
+        assert reopened.search(note(i), k=1, mode="dense")[0].score == pytest.approx(exact, abs=2e-3)
+    for i in range(240, 1000):  # four times the vectors it was trained on: trained again, on more lists
+        (docs / "common" / f"n{i:03}.md").write_text(f"# Note {i}\n\n{note(i)}\n")
+    lists = vi._ivf().nlist
+    reopened.ingest([docs])
+    assert reopened._open_store().vectors()._ivf().nlist > lists

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -279,5 +280,122 @@ def test_a_postgres_database_made_by_the_previous_version_reindexes_dotted_numbe
     try:
         assert [h.path.rsplit("/", 1)[1] for h in kb.search("1.0.0", k=5, mode="lexical")] == ["alpha.md"]
         assert [h.path.rsplit("/", 1)[1] for h in kb.search("1", k=5, mode="lexical")] == ["other.md"]
+    finally:
+        kb.close()
+
+
+def test_a_bulk_load_into_postgres_builds_the_vector_index_once_at_the_end(postgres_url, tmp_path):
+    """Inserting each row into pgvector's HNSW graph is ~10x slower than the rest of its write: a large first
+    ingest goes in without the index and builds it at the end; a small ingest afterwards keeps it."""
+    from kb.api import KnowledgeBase
+    from kb.store.postgres import BULK_LOAD_FILES
+
+    docs = tmp_path / "notes"
+    docs.mkdir()
+    for i in range(BULK_LOAD_FILES):
+        (docs / f"n{i:03}.md").write_text(f"# Note {i}\n\nNote {i} is about otters number {i}.\n")
+    kb = KnowledgeBase(tmp_path / "home", embedder=FakeEmbedder(), store=postgres_url)
+    try:
+        store = kb._open_store()
+        during = []
+        kb.ingest([docs], progress=lambda e: e["event"] == "progress" and during.append(store._has_vector_index()))
+        assert during and not any(during)
+        assert store._has_vector_index()
+        definition = store.conn.execute(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'kb_chunks_embedding'").fetchone()[0]
+        assert "hnsw (embedding vector_cosine_ops)" in definition
+        (docs / "extra.md").write_text("# Extra\n\nOne more note about beavers.\n")
+        during.clear()
+        kb.ingest([docs], progress=lambda e: e["event"] == "progress" and during.append(store._has_vector_index()))
+        assert during and all(during)
+        # an ingest that stopped half-way (index dropped, never rebuilt): the next one, even with nothing to
+        # do, builds it; dense search answers exactly meanwhile
+        store.conn.execute("DROP INDEX kb_chunks_embedding")
+        assert kb.search("One more note about beavers.", k=1, mode="dense")[0].path.endswith("extra.md")
+        assert kb.ingest([docs]).unchanged and store._has_vector_index()
+    finally:
+        kb.close()
+
+
+def test_a_large_lexical_query_scores_the_rare_terms_candidates_with_every_term(tmp_path, monkeypatch):
+    """SQLite: when a query's terms match more than MAX_LEXICAL_ROWS rows, FTS5 scores only the rows of its
+    rarest terms, and the common terms' BM25 share is added to each of them: the ranking among those rows is
+    FTS5's own, and a row with only the common term is no candidate."""
+    import kb.store.sqlite as sqlite_store
+    from kb.api import KnowledgeBase
+
+    docs = tmp_path / "notes"
+    docs.mkdir()
+    for i in range(60):
+        place = "harbour" if i % 3 == 0 else "meadow"
+        (docs / f"plain{i:02}.md").write_text(f"# Plain {i}\n\nA plain note about the {place} number {i}.\n")
+    (docs / "both.md").write_text("# Both\n\nThe zeppelin over the harbour.\n")
+    (docs / "rare.md").write_text("# Rare\n\nA zeppelin.\n")
+    kb = KnowledgeBase(tmp_path / "home", embedder=FakeEmbedder())
+    kb.ingest([docs])
+    store = kb._open_store()
+    terms = ["zeppelin", "harbour"]
+    full = store.lexical_search(terms, 10)
+    monkeypatch.setattr(sqlite_store, "MAX_LEXICAL_ROWS", 10)
+    bounded = store.lexical_search(terms, 10)
+    assert [i for i, _ in bounded] == [i for i, _ in full[:2]]  # both, then rare: the full order among them
+    assert bounded[0][1] == pytest.approx(full[0][1], rel=0.05) and bounded[1][1] == pytest.approx(full[1][1], rel=0.05)
+    assert [Path(h.path).name for h in store.hits(bounded)] == ["both.md", "rare.md"]
+    # without the common term's share the short note would come first: the share decides the order
+    alone = store.lexical_search(["zeppelin"], 10)
+    assert [Path(h.path).name for h in store.hits(alone)] == ["rare.md", "both.md"]
+    kb.close()
+
+
+def test_postgres_estimates_common_terms_from_its_statistics(postgres_url, tmp_path, monkeypatch):
+    """In a large database (DF_ESTIMATE_FROM chunks, here lowered), counting a common term's rows would visit
+    most of the table: its frequency comes from ANALYZE's most common elements, run by kb after a large
+    ingest; any other term is counted up to DF_COUNT_CAP rows."""
+    import kb.store.postgres as pg
+    from kb.api import KnowledgeBase
+
+    monkeypatch.setattr(pg, "DF_ESTIMATE_FROM", 20)
+    monkeypatch.setattr(pg, "DF_COUNT_CAP", 3)
+    docs = tmp_path / "notes"
+    docs.mkdir()
+    for i in range(120):
+        extra = " with a walrus" if i % 20 == 0 else ""
+        (docs / f"n{i:03}.md").write_text(f"# Note {i}\n\nEvery note mentions the lighthouse{extra}.\n")
+    kb = KnowledgeBase(tmp_path / "home", embedder=FakeEmbedder(), store=postgres_url)
+    try:
+        kb.ingest([docs])
+        store = kb._open_store()
+        analyzed = store.conn.execute("SELECT last_analyze FROM pg_stat_user_tables "
+                                      "WHERE relid = 'kb_chunks'::regclass").fetchone()[0]
+        assert analyzed is not None  # kb's own ANALYZE after the ingest
+        assert "lighthouse" in store._common_elements()
+        total, df = store.doc_freqs(["lighthouse"])
+        assert total == 120 and df["lighthouse"] == 120  # every row: the estimate is exact here
+        store._elements, store._stats = (time.monotonic(), {"lighthouse": 1.0}), None  # walrus not among them
+        assert store.doc_freqs(["walrus"])[1]["walrus"] == 3  # 6 rows, counted up to the cap
+        assert kb.search("walrus lighthouse", k=1, mode="lexical")[0].text.endswith("with a walrus.")
+    finally:
+        kb.close()
+
+
+def test_postgres_candidates_hold_the_rarest_terms_together_when_each_is_common(postgres_url, tmp_path, monkeypatch):
+    """When even the rarest term is in more rows than PostgreSQL's candidate budget (here lowered to 5), the
+    candidates are the rows holding the rarest terms together, so a query of two common words still finds
+    the few chunks that have both, at a bounded cost."""
+    import kb.store.postgres as pg
+    from kb.api import KnowledgeBase
+
+    monkeypatch.setattr(pg, "MAX_LEXICAL_CANDIDATES", 5)
+    monkeypatch.setattr(pg, "LEXICAL_CANDIDATE_CAP", 10)
+    docs = tmp_path / "notes"
+    docs.mkdir()
+    for i in range(60):
+        words = {0: "lighthouse keeper", 1: "harbour master", 2: "lighthouse by the harbour"}[i % 3]
+        (docs / f"n{i:02}.md").write_text(f"# Note {i}\n\nA note about the {words}, number {i}.\n")
+    kb = KnowledgeBase(tmp_path / "home", embedder=FakeEmbedder(), store=postgres_url)
+    try:
+        kb.ingest([docs])
+        hits = kb.search("lighthouse harbour", k=5, mode="lexical")
+        assert len(hits) == 5 and all("lighthouse by the harbour" in h.text for h in hits)
     finally:
         kb.close()
