@@ -346,3 +346,38 @@ def test_a_large_vector_cache_becomes_an_inverted_file_index(make_kb, tmp_path, 
     lists = vi._ivf().nlist
     reopened.ingest([docs])
     assert reopened._open_store().vectors()._ivf().nlist > lists
+
+
+def test_a_large_index_estimates_common_terms_from_a_stored_sample(make_kb, tmp_path, monkeypatch):
+    """From TERM_SAMPLE_FROM chunks (here lowered), the end of an ingest stores the share of a random sample of
+    chunks holding each common term; a fresh process estimates those terms' frequencies from it instead of
+    counting their rows, and counts the others."""
+    import json
+
+    import kb.store.sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "TERM_SAMPLE_FROM", 20)
+    monkeypatch.setattr(sqlite_store, "TERM_SAMPLE_ROWS", 60)
+    monkeypatch.setattr(sqlite_store, "TERM_SAMPLE_MIN_SHARE", 0.1)
+    docs = tmp_path / "notes"
+    docs.mkdir()
+    for i in range(120):
+        extra = " with a walrus" if i == 7 else ""
+        (docs / f"n{i:03}.md").write_text(f"# Note {i}\n\nEvery note mentions the lighthouse{extra}.\n")
+    kb = make_kb()
+    kb.ingest([docs])
+    store = kb._open_store()
+    sample = json.loads(store.get_meta("term_sample"))
+    assert sample["total"] == 120 and sample["rows"] == 60 and sample["shares"]["lighthouse"] == 1.0
+    assert store.doc_freqs(["lighthouse", "walrus"]) == (120, {"lighthouse": 120, "walrus": 1})
+    # the estimate is what answers for a sampled term: with a stored share of one half, half the chunks
+    store.set_meta(term_sample=json.dumps({**sample, "shares": {"lighthouse": 0.5}}))
+    store._df_cache = store._sample = None
+    assert store.doc_freqs(["lighthouse"])[1]["lighthouse"] == 60
+    kb.ingest([docs])  # nothing changed: the sample stays
+    assert json.loads(store.get_meta("term_sample"))["shares"] == {"lighthouse": 0.5}
+    for i in range(120, 140):  # a sixth more chunks: sampled again
+        (docs / f"n{i:03}.md").write_text(f"# Note {i}\n\nEvery note mentions the lighthouse.\n")
+    kb.ingest([docs])
+    assert json.loads(store.get_meta("term_sample"))["total"] == 140
+    assert kb.search("walrus lighthouse", k=1, mode="lexical")[0].path.endswith("n007.md")

@@ -230,6 +230,9 @@ def _atomic_write(path: Path, data: bytes | memoryview) -> None:
 PARALLEL_FROM = 250_000
 MAX_LEXICAL_ROWS = 100_000  # rows one full-text query scores before the common terms are added per candidate
 RESCORE_FACTOR, RESCORE_MIN = 10, 500  # candidates (per result asked, and at least) that get the common terms
+TERM_SAMPLE_FROM = 50_000  # chunks; from here on common terms' document frequencies come from a stored sample
+TERM_SAMPLE_ROWS = 20_000  # chunks in that sample
+TERM_SAMPLE_MIN_SHARE = 0.01  # terms in at least this share of the sample are kept (a 1% share: 200 hits)
 IVF_FROM = 200_000  # vectors; from here on the vector cache is an inverted-file index (VectorIndex.optimize)
 IVF_LISTS_PER_ROOT = 4  # centroids: 4 * sqrt(n), 4,000 at 1M vectors
 IVF_PROBE_SHARE = 1 / 16  # of the centroids' groups one query scans (6%; at least 32 groups)
@@ -419,6 +422,7 @@ class SQLiteStore:
         self._model_info: dict | None = None
         self._df_cache: tuple | None = None
         self._avgdl: tuple[int, float] | None = None
+        self._sample: tuple[int, dict | None] | None = None
 
     # --- metadata -------------------------------------------------------------------------------
 
@@ -631,12 +635,52 @@ class SQLiteStore:
 
     def save_vectors(self, *, final: bool = True) -> None:
         """Write the FAISS cache atomically, stamped with the current generation (at checkpoints too); nothing
-        to do when the file on disk already reflects it."""
-        if self.model_info() is not None and self.cached_vectors_generation() != self.generation:
+        to do when the file on disk already reflects it. At the end of an ingest (`final`), also the term sample."""
+        if self.model_info() is None:
+            return
+        if self.cached_vectors_generation() != self.generation:
             vi = self.vectors()
             if final:
                 vi.optimize(self._vectors_of)
             vi.save(self.index_path, self.generation)
+        if final:
+            self._refresh_term_sample()
+
+    def _refresh_term_sample(self) -> None:
+        """From TERM_SAMPLE_FROM chunks: the share of chunks holding each common term, counted on a random
+        sample of TERM_SAMPLE_ROWS chunks (as PostgreSQL's ANALYZE does) and kept in the database, again once the
+        index has grown or shrunk by a tenth. doc_freqs estimates those terms from it: counting a common
+        term's rows costs tens of ms at 1M chunks, paid by every fresh process for every term it meets."""
+        total = self.fts_size()
+        sample = self._term_sample()
+        if total < TERM_SAMPLE_FROM or (sample and abs(total - sample["total"]) * 10 < total):
+            return
+        ids = np.array([r[0] for r in self.db.execute("SELECT id FROM chunks")], dtype=np.int64)
+        picked = np.random.default_rng(0).choice(ids, size=min(len(ids), TERM_SAMPLE_ROWS), replace=False).tolist()
+        counts: dict[str, int] = {}
+        for start in range(0, len(picked), 5_000):
+            part = picked[start:start + 5_000]
+            for (terms,) in self.db.execute(
+                    f"SELECT terms FROM chunks_fts WHERE rowid IN ({','.join('?' * len(part))})", part):
+                for term in set((terms or "").split()):
+                    counts[term] = counts.get(term, 0) + 1
+        floor = TERM_SAMPLE_MIN_SHARE * len(picked)
+        shares = {t: round(c / len(picked), 5) for t, c in counts.items() if c >= floor}
+        self.set_meta(term_sample=json.dumps({"total": total, "rows": len(picked), "shares": shares},
+                                             ensure_ascii=False))
+        self._sample = None
+
+    def _term_sample(self) -> dict | None:
+        """The stored term sample (read once per generation of the index)."""
+        generation = self.generation
+        if self._sample is None or self._sample[0] != generation:
+            raw = self.get_meta("term_sample")
+            try:
+                sample = json.loads(raw) if raw else None
+            except ValueError:
+                sample = None
+            self._sample = (generation, sample if isinstance(sample, dict) and "shares" in sample else None)
+        return self._sample[1]
 
     def _vectors_of(self, ids: np.ndarray) -> np.ndarray:
         """The stored float32 vectors of chunk `ids`, in that order."""
@@ -694,10 +738,16 @@ class SQLiteStore:
         return self._term_cache()[1]
 
     def doc_freqs(self, terms: list[str]) -> tuple[int, dict[str, int]]:
-        """(chunks in the full-text index, chunks containing each term), cached until the index changes."""
+        """(chunks in the full-text index, chunks containing each term), cached until the index changes. From
+        TERM_SAMPLE_FROM chunks, a term the stored sample holds is estimated from it (its exact form: FTS5's count
+        would also take its other endings); any other term is counted."""
         _, total, cache = self._term_cache()
+        sample = self._term_sample() if any(t not in cache for t in terms) else None
+        shares = sample["shares"] if sample and total >= TERM_SAMPLE_FROM else {}
         for term in terms:
-            if term not in cache:
+            if term not in cache and term in shares:
+                cache[term] = max(1, round(shares[term] * total))  # a common term: the sample's estimate
+            elif term not in cache:
                 # counted up to just over half the rows: from there on FTS5's IDF is clamped to its floor, so
                 # the exact count changes nothing, and a term in most rows is counted in half the time
                 cache[term] = self.db.execute(
@@ -793,8 +843,10 @@ class SQLiteStore:
         else:
             where, params = self._filter_sql(filters)
             rows = self.db.execute(
-                "SELECT f.rowid, -bm25(chunks_fts) FROM chunks_fts f JOIN chunks c ON c.id = f.rowid "
-                f"WHERE chunks_fts MATCH ? AND c.doc_id IN (SELECT d.id FROM documents d WHERE {where}) "
+                # the allowed chunk ids as one set, from the documents through the doc_id index ('+': a test on
+                # each matching row, not a lookup per id); a join would read each matching chunk's table row
+                "SELECT f.rowid, -bm25(chunks_fts) FROM chunks_fts f WHERE chunks_fts MATCH ? AND +f.rowid IN "
+                f"(SELECT c.id FROM chunks c WHERE c.doc_id IN (SELECT d.id FROM documents d WHERE {where})) "
                 "ORDER BY bm25(chunks_fts) LIMIT ?", [match, *params, k]).fetchall()
         return [(int(r[0]), float(r[1])) for r in rows]
 
