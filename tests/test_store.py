@@ -399,3 +399,33 @@ def test_postgres_candidates_hold_the_rarest_terms_together_when_each_is_common(
         assert len(hits) == 5 and all("lighthouse by the harbour" in h.text for h in hits)
     finally:
         kb.close()
+
+
+def test_a_busy_sqlite_database_is_reported_as_busy_not_damaged(tmp_path, monkeypatch):
+    """"database is locked" while opening (two processes creating one home race for write-ahead logging) is
+    retried, and if it lasts, reported as busy: never as damage, which would send the user to `kb doctor
+    --repair` and its move-aside of a sound database."""
+    import sqlite3
+
+    import kb.store.sqlite as sqlite_store
+
+    calls = []  # the first two attempts at write-ahead logging find the database locked
+    real = sqlite_store._enable_wal
+    monkeypatch.setattr(sqlite_store, "_enable_wal", lambda db, wait=60.0: real(db, wait=0.0))
+    monkeypatch.setattr(sqlite_store.time, "sleep", lambda s: None)
+    original_execute = sqlite_store.sqlite_utils.Database.execute
+
+    def locked_wal(self, sql, *args, **kwargs):
+        if sql == "PRAGMA journal_mode=WAL" and len(calls) < 2:
+            calls.append(1)
+            raise sqlite3.OperationalError("database is locked")
+        return original_execute(self, sql, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite_store.sqlite_utils.Database, "execute", locked_wal)
+    with pytest.raises(Locked):  # no time left to retry: busy, not damaged
+        sqlite_store.SQLiteStore(tmp_path / "home", create=True)
+    calls.clear()
+    monkeypatch.setattr(sqlite_store, "_enable_wal", real)
+    store = sqlite_store.SQLiteStore(tmp_path / "home", create=True)  # retried until it went through
+    assert len(calls) == 2
+    store.close()

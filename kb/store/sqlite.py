@@ -178,6 +178,25 @@ def migrate(db: sqlite_utils.Database, where: str = "") -> None:
             db.execute("INSERT INTO _migrations VALUES (?, ?)", [fn.__name__, time.time()])
 
 
+def _busy(error: sqlite3.OperationalError) -> bool:
+    return "locked" in str(error) or "busy" in str(error)
+
+
+def _enable_wal(db: sqlite_utils.Database, wait: float = 60.0) -> None:
+    """Switch to write-ahead logging (once per database; a no-op after). Two processes creating the same home at
+    once race for it, and SQLite answers the loser "database is locked" at once, without its busy wait: retried
+    here."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if not _busy(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class WriteLock:
     """An exclusive advisory lock on the home folder, held while a process writes to the store."""
 
@@ -409,10 +428,18 @@ class SQLiteStore:
         conn = sqlite3.connect(self.db_path, timeout=60, check_same_thread=False)
         self.db = sqlite_utils.Database(conn)
         try:
-            self.db.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(self.db)
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             migrate(self.db, str(self.db_path))
+        except sqlite3.OperationalError as e:
+            conn.close()
+            if _busy(e):
+                raise Locked(f"the knowledge base database {self.db_path} stayed busy: {e}",
+                             hint="another kb process is writing to it; try again when it is done") from e
+            raise DamagedIndex(f"the knowledge base database {self.db_path} is damaged ({e})",
+                               hint="run `kb doctor --repair`: it moves the damaged file aside and rebuilds the "
+                                    "index from your files") from e
         except sqlite3.DatabaseError as e:
             conn.close()
             raise DamagedIndex(f"the knowledge base database {self.db_path} is damaged ({e})",
