@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -145,14 +146,9 @@ class Retriever:
         return self.store.dense_search(vector, n, filters)
 
 
-_POOL: ThreadPoolExecutor | None = None
-
-
+@lru_cache(maxsize=1)
 def _threads() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kb-embed-query")
-    return _POOL
+    return ThreadPoolExecutor(max_workers=8, thread_name_prefix="kb-embed-query")
 
 
 def _zscores(scored: list[tuple[int, float]]) -> tuple[dict[int, float], float, float]:

@@ -8,6 +8,7 @@ with pgvector (kb/store/postgres.py) when `store = "postgresql://..."`. Callers 
 from __future__ import annotations
 
 import json
+import math
 import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -68,6 +69,25 @@ def chunk_terms(title: str | None, heading: str | None, text: str) -> str:
 
 def chunk_term_list(title: str | None, heading: str | None, text: str) -> list[str]:
     return lexical_terms(f"{title or ''}\n{heading or ''}\n{text}")
+
+
+BM25_K1, BM25_B = 1.2, 0.75  # FTS5's bm25() constants; the PostgreSQL store and SQLite's rescoring use them too
+
+
+def bm25_idf(total: int, df: int) -> float:
+    """A term's IDF as FTS5's bm25() computes it, floored as FTS5 floors it."""
+    return max(math.log((total - df + 0.5) / (df + 0.5)), 1e-6)
+
+
+def rarest_within(terms: Sequence[str], df: dict[str, int], rows: int) -> list[str]:
+    """The rarest of `terms`, from the rarest up, while the rows they match stay within `rows` (at least one)."""
+    kept, matched = [], 0
+    for term in sorted(terms, key=lambda t: df[t]):
+        if kept and matched + df[term] > rows:
+            break
+        kept.append(term)
+        matched += df[term]
+    return kept
 
 
 class Store(Protocol):

@@ -15,7 +15,6 @@ Needs the optional extra: pip install 'kb-assistant[postgres]' (psycopg, pgvecto
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import socket
@@ -29,10 +28,9 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from kb.errors import KBError, Locked, ModelMismatch, NotIngested
-from kb.store import Filters, StoredDocument, chunk_term_list
+from kb.store import BM25_B, BM25_K1, Filters, StoredDocument, bm25_idf, chunk_term_list, rarest_within
 from kb.types import Chunk, Hit
 
-BM25_K1, BM25_B = 1.2, 0.75
 # Lexical candidates are bounded: the rows matched by the rarest query terms, adding terms from rarest to most
 # common while the rows stay under this; every candidate is then scored with all the query's terms. A chunk
 # that holds only the most common terms (the lowest IDF) is not a candidate. Scoring costs about 10 us per
@@ -480,14 +478,12 @@ class PostgresStore:
                 cache[term] = 0
             elif term in common:
                 cache[term] = max(1, round(common[term] * total))
-            elif estimate:
-                cache[term] = self.conn.execute(
-                    "SELECT count(*) FROM (SELECT 1 FROM kb_chunks WHERE terms @@ %s::tsquery LIMIT %s) s",
-                    [literal, DF_COUNT_CAP]).fetchone()[0]
             else:
+                # counted: in a large database up to DF_COUNT_CAP rows, else up to just over half the rows, as
+                # SQLite's (IDF is at its floor from there on)
                 cache[term] = self.conn.execute(
                     "SELECT count(*) FROM (SELECT 1 FROM kb_chunks WHERE terms @@ %s::tsquery LIMIT %s) s",
-                    [literal, total // 2 + 1]).fetchone()[0]  # as SQLite's: IDF is at its floor from half the rows
+                    [literal, DF_COUNT_CAP if estimate else total // 2 + 1]).fetchone()[0]
         return total, {t: cache[t] for t in terms}
 
     def _common_elements(self) -> dict[str, float]:
@@ -525,13 +521,7 @@ class PostgresStore:
             return []
         ordered = sorted(terms, key=lambda t: df[t])
         if df[ordered[0]] <= MAX_LEXICAL_CANDIDATES:
-            kept, budget = [], 0
-            for t in ordered:  # the rarest first, within the candidate budget
-                if kept and budget + df[t] > MAX_LEXICAL_CANDIDATES:
-                    break
-                kept.append(t)
-                budget += df[t]
-            candidates = tsquery_literal(kept)
+            candidates = tsquery_literal(rarest_within(terms, df, MAX_LEXICAL_CANDIDATES))
         else:
             # even the rarest term is in too many rows to score them all (10 us each): the candidates hold the
             # rarest terms together, as many as it takes for about MAX_LEXICAL_CANDIDATES rows (independence
@@ -543,7 +533,7 @@ class PostgresStore:
                 if expected <= MAX_LEXICAL_CANDIDATES:
                     break
             candidates = " & ".join(f"'{_quote(t)}'" for t in kept)
-        idf = [max(math.log((total - df[t] + 0.5) / (df[t] + 0.5)), 1e-6) for t in terms]
+        idf = [bm25_idf(total, df[t]) for t in terms]
         where, params = self._filter_sql(filters)
         sql = f"""
             WITH q(term, idf) AS (SELECT * FROM unnest(%s::text[], %s::float8[])),
