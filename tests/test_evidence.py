@@ -288,3 +288,56 @@ def test_a_sentence_that_opens_with_a_pronoun_speaks_of_the_sentence_before(monk
     monkeypatch.undo()
     scored = {e.text: e.score for e in assess(q, [Passage(n=1, text=text)]).scored}
     assert scored["It eats ants and termites."] > without["It eats ants and termites."] + 0.1
+
+
+def test_sentences_keep_initials_and_titles_whole_inside_chinese():
+    assert sentences("伏尔泰的朋友们是霍尔以笔名S.G. Tallentyre写作的一部作品。下一句。") == [
+        "伏尔泰的朋友们是霍尔以笔名S.G. Tallentyre写作的一部作品。", "下一句。"]
+    assert sentences("两旁摆著圣若望．玛达（St. John of Matha）的雕像。完。")[0].endswith("的雕像。")
+    # "！" inside a title 《...》 does not end the sentence; after the title it does
+    assert sentences("《卡拉OK.LIVE！‧台北‧我》是第六张专辑。他说好！然后走了。") == [
+        "《卡拉OK.LIVE！‧台北‧我》是第六张专辑。", "他说好！", "然后走了。"]
+    assert sentences("他读了《书》！又读了一本。") == ["他读了《书》！", "又读了一本。"]
+
+
+def test_a_chinese_name_counts_once_not_once_per_bigram(monkeypatch):
+    """天门冬 is the bigrams 天门 and 门冬: summed, the name outweighed 治疗, the word that says what is asked, and a
+    sentence naming the plant beat the one that answers (which, as Chinese does, leaves the subject out)."""
+    import kb.evidence
+
+    def doc_freqs(terms):  # the name is rare in the index, 治疗 less so
+        return 1000, {t: 3 if t in ("天门", "门冬") else 20 if len(t) == 2 else 100 for t in terms}
+
+    text = "天门冬为天门冬科多年生攀援草本植物。天门冬又称丝冬、天棘、明天冬。块根可入药，治疗虚劳、气喘、咳嗽等症。"
+    q = prepare_question("天门冬能治疗哪些问题？", doc_freqs)
+    assert "天门" in q.terms and "些问" not in q.terms  # 些 is grammar, like 什 and 几
+    best = select_evidence(assess(q, [Passage(n=1, text=text)]).scored, 1)[0]
+    assert best.text.startswith("块根可入药")
+    monkeypatch.setattr(kb.evidence, "_phrases", lambda *a: [])  # every bigram counted on its own
+    assert not select_evidence(assess(q, [Passage(n=1, text=text)]).scored, 1)[0].text.startswith("块根可入药")
+
+
+def test_without_a_trusted_embedding_a_sentence_from_a_passage_about_the_question_wins():
+    q = prepare_question("冷湖行政区的经济主要由什么支撑？", flat_doc_freqs)
+    other = Passage(n=1, text="教堂的圆柱建在柱基上并支撑主要的结构。", rank=0)
+    right = Passage(n=2, text="冷湖行政区是青海省的一个县级行政区。经济主要以矿业支撑，尤以石油开采为重要。", rank=1)
+    best = select_evidence(assess(q, [other, right]).scored, 1)[0]
+    assert best.n == 2 and "矿业" in best.text
+
+
+def test_a_quote_is_completed_where_it_cannot_stand_alone():
+    text = ("猴面包树的果实钙含量比菠菜高，维生素C含量是橙子的三倍。因此它有时也被称为笨蛋水果。它的叶子可以吃。\n"
+            "印度野驴与非洲野驴有些分别。牠们的毛多呈沙色，背上有深褐色斑纹。")
+    q = prepare_question("为什么猴面包树被称为笨蛋水果？", flat_doc_freqs)
+    a = assess(q, [Passage(n=1, text=text)])
+    best = a.evidence(3)[0]
+    assert best.text == "猴面包树的果实钙含量比菠菜高，维生素C含量是橙子的三倍。因此它有时也被称为笨蛋水果。"
+    assert text[best.start:best.end] == best.text and best.index == 0 and best.last == 1
+    assert all("笨蛋" not in e.text for e in a.evidence(3)[1:])  # a sentence already quoted is not quoted again
+    q = prepare_question("印度野驴与非洲野驴的分别是什么？", flat_doc_freqs)
+    best = assess(q, [Passage(n=1, text=text)]).evidence(1)[0]
+    assert best.text.startswith("印度野驴与非洲野驴有些分别。牠们的毛多呈沙色")  # says almost nothing alone
+    text = "Quill has three parts:\nthe parser, the checker and the emitter.\n\nThe parser is fast. Therefore the compiler starts quickly."
+    q = prepare_question("Why does the Quill compiler start quickly?", flat_doc_freqs)
+    best = assess(q, [Passage(n=1, text=text)]).evidence(1)[0]
+    assert best.text == "The parser is fast. Therefore the compiler starts quickly."
