@@ -341,3 +341,21 @@ def test_a_quote_is_completed_where_it_cannot_stand_alone():
     q = prepare_question("Why does the Quill compiler start quickly?", flat_doc_freqs)
     best = assess(q, [Passage(n=1, text=text)]).evidence(1)[0]
     assert best.text == "The parser is fast. Therefore the compiler starts quickly."
+
+
+def test_a_sentence_in_the_question_s_own_words_wins_a_tie(monkeypatch):
+    import kb.evidence
+
+    text = "Museum origins: world fair objects were shown here in 1857. The museum has its origins in the world fair of 1851."
+    q = prepare_question("The museum has its origins in which world fair?", flat_doc_freqs)
+    assert select_evidence(assess(q, [Passage(n=1, text=text)]).scored, 1)[0].text.endswith("of 1851.")
+    monkeypatch.setitem(kb.evidence.WEIGHTS, "wording", 0.0)
+    assert not select_evidence(assess(q, [Passage(n=1, text=text)]).scored, 1)[0].text.endswith("of 1851.")
+
+
+def test_chinese_answer_types_are_not_fooled_by_topic_words():
+    assert answer_type("杜瓦在哪一年开展液氧实验?") == "date"  # 在哪 opens 哪一年, not a place
+    assert answer_type("什么用于计算物体的横截面积？") is None  # 面积 is the topic, not "how large"
+    assert answer_type("他几乎每天做什么？") is None  # 几乎: almost
+    assert answer_type("哪一位胡格诺派后裔成为了武器制造商?") == "person"
+    assert answer_type("他在哪里出生？") == "place" and answer_type("人口占百分之几？") == "number"
