@@ -123,6 +123,8 @@ def extractive_text(evidence: list[Evidence]) -> str:
 SUPPORTED = 0.75
 UNSUPPORTED_NOTICE = ("The model's answer was not supported by the passages it cited; "
                       "the answer is the evidence itself, quoted from your documents.")
+UNTYPED_NOTICE = ("The model's answer did not say what was asked ({kind}); "
+                  "the answer is the evidence itself, quoted from your documents.")
 OVERRULED_NOTICE = ("The model said the documents do not answer this, but they hold strong evidence for it; "
                     "the answer is the evidence itself, quoted from your documents.")
 
@@ -143,6 +145,40 @@ def support(body: str, question: str, sources: list[Source]) -> float:
     for source in cited:
         known.update(tokenize(f"{source.title}\n{source.heading}\n{source.text}").keys)
     return sum(1 for k in words if k in known) / len(words)
+
+
+_KIND_WORDS = {"date": "a date or time", "number": "a number or amount", "person": "a name", "place": "a place"}
+_CLAUSES = re.compile(r"[,;:，；：。！？!?]\s*|\.\s+|\s+(?:and|but|while|whereas)\s+", re.I)
+
+
+def states_asked_type(body: str, question: str) -> bool:
+    """Whether the part of an answer that speaks of the question holds what it asks for: for "How often should
+    I feed the starter on the counter?", the clause of the answer that holds most of the question's terms
+    must hold a number ("once a day"), not merely restate the question ("feed the starter on the counter at
+    room temperature") while the answer's only number belongs to another clause ("once a week in the
+    fridge"); a short phrase set off beside that clause counts with it ("In 1891, Dewar produced ..."). True
+    when the question expects no type, or no clause holds a question term."""
+    from kb.evidence import answer_type, question_terms, term_units, tokenize, type_candidates
+
+    kind = answer_type(question)
+    if kind is None:
+        return True
+    wanted = {unit for term in question_terms(question) for unit in term_units(term)}
+    clauses = [c for c in _CLAUSES.split(_CITATION_MARK.sub(" ", body)) if c.strip()]
+    scored = [(len(wanted & set(tokenize(c).keys)), c) for c in clauses]
+    best = max((n for n, _ in scored), default=0)
+    if best == 0:
+        return True
+    # the clause itself, or a short phrase set off beside it ("In 1891, Dewar produced liquid oxygen")
+    near = {j for i, (n, _) in enumerate(scored) if n == best for j in (i - 1, i, i + 1)
+            if 0 <= j < len(scored) and (j == i or len(scored[j][1].split()) <= 4)}
+    return any(type_candidates(scored[j][1], kind, question) for j in near)
+
+
+def asked_type_words(question: str) -> str:
+    from kb.evidence import answer_type
+
+    return _KIND_WORDS.get(answer_type(question) or "", "what was asked")
 
 
 _CITATION_MARK = re.compile(r"\[\s*\d+(?:\s*[,;]\s*\d+)*\s*\]")
@@ -404,9 +440,14 @@ class AnswerStream:
                 for s in self.sources:
                     s.cited = False
         elif self._fallback:
-            self._support = round(support(_FRAMING.sub("", text), self.standalone, self.sources), 4)
+            body = _FRAMING.sub("", text)
+            self._support = round(support(body, self.standalone, self.sources), 4)
             if self._support < SUPPORTED:
                 yield from self._replace(text, self._fallback, UNSUPPORTED_NOTICE)
+                text = self._fallback
+            elif not states_asked_type(body, self.standalone):
+                notice = UNTYPED_NOTICE.format(kind=asked_type_words(self.standalone))
+                yield from self._replace(text, self._fallback, notice)
                 text = self._fallback
         self._finish(text)
 
@@ -441,4 +482,5 @@ class AnswerStream:
 
 
 __all__ = ["Answer", "AnswerStream", "Source", "CitationFilter", "pack_passages", "refusal_text", "tidy",
-           "evidence_block", "extractive_text", "support", "SUPPORTED", "OVERRULED_NOTICE"]
+           "evidence_block", "extractive_text", "support", "SUPPORTED", "OVERRULED_NOTICE",
+           "states_asked_type"]

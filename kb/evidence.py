@@ -6,14 +6,20 @@ lines; a "sentence" too long to read is cut at clause boundaries). Each sentence
 - coverage: the share of the question's informative terms it contains (stemmed words for spaced
   scripts; character bigrams, and single characters at a fraction of the weight, for Chinese and
   Japanese), each term weighted by its IDF over the index times its IDF among the candidate sentences,
-  so that the word naming what is asked about counts for more than the topic every sentence shares;
+  so that the word naming what is asked about counts for more than the topic every sentence shares; a
+  name the passages hold whole (天门冬: the bigrams 天门, 门冬) counts once;
 - partial credit for terms found only in the neighbouring sentences or the passage's title and heading,
   which often name the subject that a sentence then calls "it";
-- proximity: how closely the matched terms sit together;
+- proximity: how closely the matched terms sit together, and wording: how much of the question's own
+  phrasing (neighbouring word pairs) the sentence repeats;
 - expected answer type: a question that asks when, how many, who or where expects a date, a number, a
   name or a place; a sentence holding no candidate of that type (words of the question aside) loses;
-- the passage's embedding similarity to the question (where the embedder covers the question's
-  language) and its retrieval rank.
+- the passage's embedding similarity to the question where the embedder covers the question's
+  language, else the share of the question's terms anywhere in the passage; and its retrieval rank.
+
+The quotes shown are the best sentences, each completed where it cannot stand alone ("因此 ...", "Therefore
+...": with the sentence before; a lead-in ending with a colon, or a sentence too short to say anything:
+with the one after).
 
 `assess` also judges whether the documents answer at all: the question's key terms and its expected
 answer type must be found in one place (a sentence, its neighbours and its passage's headings), not
@@ -301,25 +307,27 @@ def type_candidates(text: str, kind: str | None, question: str = "") -> list[tup
     if kind is None:
         return []
     zh = unspaced_ratio(text) >= 0.5
-    patterns = {
-        "date": [_DATE_ZH] if zh else [_DATE_EN],
-        "number": [_NUMBER_ZH] if zh else [_NUMBER_EN],
-        "person": [] if zh else [_NAME_EN],
-        "place": [_PLACE_ZH] if zh else [_NAME_EN],
+    by_script = {  # kind -> (Chinese detector, Western detector)
+        "date": (_DATE_ZH, _DATE_EN), "number": (_NUMBER_ZH, _NUMBER_EN),
+        "person": (None, _NAME_EN), "place": (_PLACE_ZH, _NAME_EN),
     }[kind]
-    if not patterns:  # no reliable detector (Chinese person names): every sentence qualifies
+    if zh and by_script[0] is None:  # no reliable detector (Chinese person names): every sentence qualifies
         return [(0, len(text))]
+    # (pattern, whether its spans are Chinese); mostly-Western text with some CJK ("1891年") tries both
+    patterns = [(by_script[0], True)] if zh else [(by_script[1], False)]
+    if not zh and by_script[0] is not None and has_unspaced(text):
+        patterns.append((by_script[0], True))
     q_lower = question.lower()
     q_keys = set(tokenize(question).keys)
     out = []
-    for pattern in patterns:
+    for pattern, chinese in patterns:
         for m in pattern.finditer(text):
             span = m.group().strip()
             if not span:
                 continue
-            if zh and span in question:
+            if chinese and span in question:
                 continue
-            if not zh and (span.lower() in q_lower or set(tokenize(span).keys) <= q_keys):
+            if not chinese and (span.lower() in q_lower or set(tokenize(span).keys) <= q_keys):
                 continue
             out.append((m.start(), m.end()))
     return out

@@ -201,6 +201,33 @@ def test_an_unsupported_generated_answer_is_replaced_by_the_evidence(releases_kb
     assert "Mars" in streamed and "not supported" in streamed and stream.answer.text in streamed
 
 
+def test_an_answer_that_does_not_say_what_was_asked_is_replaced_by_the_evidence(releases_kb):
+    """Every word of "... on Friday" is in the passage (the support check passes), but the clause about the alpha
+    holds no date: the model restated the question and put its only date elsewhere."""
+    question = "On what date will Quill 1.0.0-alpha be released?"
+    vague = FakeGenerator(reply="Quill 1.0.0-alpha will be released as part of the release cycle, and the beta in the week of Feb 16, 2015 [1].")
+    answer = releases_kb(generator=vague).ask(question)
+    assert answer.support >= 0.75 and "did not say what was asked (a date or time)" in answer.notice
+    assert "Jan 9, 2015" in answer.text and "the beta" in answer.generated
+    for reply in ("Quill 1.0.0-alpha will be released on Friday, Jan 9, 2015 [1].",
+                  "On Jan 9, 2015, Quill 1.0.0-alpha will be released [1]."):  # a short phrase beside it counts
+        answer = releases_kb(generator=FakeGenerator(reply=reply)).ask(question)
+        assert not answer.generated and not answer.notice and "Jan 9, 2015" in answer.text, reply
+
+
+def test_states_asked_type_reads_the_clause_about_the_question():
+    from kb.answer import states_asked_type
+
+    q = "How often should I feed a sourdough starter on the counter?"
+    assert not states_asked_type("feeding a sourdough starter on the counter at room temperature, and once a week "
+                                 "when it lives in the fridge.", q)
+    assert states_asked_type("feed the starter once a day when it lives on the counter.", q)
+    assert states_asked_type("Green tea is brewed at about eighty degrees.", "What does the recipe say about tea?")
+    assert not states_asked_type("[1]，杜瓦成功制造出液氧。", "杜瓦在哪一年制造出液氧?")
+    assert states_asked_type("[1]，1891年，杜瓦成功制造出液氧。", "杜瓦在哪一年制造出液氧?")  # "1891年": CJK beside digits
+    assert states_asked_type("It is not clear.", q)  # nothing about the question: left to the support check
+
+
 def test_the_model_sees_the_evidence_before_the_passages(releases_kb):
     generator = FakeGenerator()
     releases_kb(generator=generator, check_support=False).ask("On what date will Quill 1.0.0-alpha be released?")
