@@ -12,7 +12,11 @@ Then (PostgreSQL only) one and two `kb serve` processes on that database, --clie
 posting /api/search for --seconds each: searches/s and p95, and the ratio of two replicas to one.
 
     .venv/bin/python benchmarks/scale.py [--chunks 1000000] [--stores sqlite,postgres] [--queries 200]
-        [--clients 16] [--seconds 30] [--keep DIR] [--reuse]
+        [--clients 16] [--seconds 30] [--keep DIR] [--reuse] [--prewarm]
+
+--prewarm (PostgreSQL) reads the database's tables and indexes into the operating system's cache first
+(pg_prewarm), as a server that has been answering for a while holds them; without it a --reuse run after other
+work meets a cold disk cache.
 """
 
 from __future__ import annotations
@@ -54,6 +58,24 @@ def database_size(url: str) -> int:
         return conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
 
 
+def prewarm(url: str) -> float:
+    """Read kb's tables and indexes (their TOAST too) once with pg_prewarm's 'read' mode, so the operating
+    system's cache holds them, as it does for a database server that has been answering for a while: the
+    searches then measure a fresh kb process against a warm server, not a disk that has never been read."""
+    import psycopg
+
+    started = time.perf_counter()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
+        conn.execute("""SELECT pg_prewarm(c.oid, 'read') FROM pg_class c
+                        WHERE c.relkind IN ('r', 'i', 't', 'm')
+                          AND (c.relnamespace = 'public'::regnamespace
+                               OR c.oid IN (SELECT reltoastrelid FROM pg_class WHERE relnamespace = 'public'::regnamespace)
+                               OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid IN (
+                                   SELECT reltoastrelid FROM pg_class WHERE relnamespace = 'public'::regnamespace)))""").fetchall()
+    return round(time.perf_counter() - started, 1)
+
+
 def measure_store(name: str, home: Path, url: str, args) -> tuple[dict, list[str]]:
     from kb.api import KnowledgeBase
 
@@ -81,6 +103,8 @@ def measure_store(name: str, home: Path, url: str, args) -> tuple[dict, list[str
         store.close()
         out.update(ingest_s=round(seconds, 1), chunks_per_s=round(args.chunks / seconds))
     out["size_mb"] = round((database_size(url) if url else folder_size(home)) / 2**20)
+    if url and args.prewarm:
+        out["prewarm_s"] = prewarm(url)
     kb = KnowledgeBase(home, store=url or None)
     rng = np.random.default_rng(1)
     queries = [corpus.query_from(samples[int(i)], rng) for i in rng.integers(0, len(samples), args.queries)]
@@ -180,6 +204,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--keep", default=str(Path(tempfile.gettempdir()) / "kb-bench-scale"))
+    parser.add_argument("--prewarm", action="store_true",
+                        help="PostgreSQL: read kb's tables and indexes into the OS cache before searching (pg_prewarm)")
     parser.add_argument("--reuse", action="store_true",
                         help="measure search again on the stores a previous run left in --keep (no ingest)")
     args = parser.parse_args()

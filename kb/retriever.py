@@ -94,8 +94,12 @@ class Retriever:
             mode = "lexical"
             timings["dense_skipped"] = True
         # hybrid: the query is embedded in a thread while the full-text search runs (both release the GIL;
-        # the store's connection stays in this thread)
+        # the store's connection stays in this thread). The dense job waits on the embedding job submitted
+        # before it: the pool takes jobs in order, so that one is always running or done, never queued behind.
         embedding = _threads().submit(self.embedder.embed_query, query) if mode == "hybrid" else None
+        # a store that allows it (PostgreSQL) runs the dense query in that thread too, beside the lexical one
+        searched = (_threads().submit(lambda: self._dense(embedding.result(), n, filters))
+                    if embedding and getattr(self.store, "concurrent_dense", False) else None)
         if mode in ("lexical", "hybrid"):
             t = time.perf_counter()
             lexical = self.store.lexical_search(self._informative_terms(query, mode), n, filters)
@@ -103,7 +107,7 @@ class Retriever:
         if mode in ("dense", "hybrid"):
             t = time.perf_counter()
             vector = embedding.result() if embedding else self.embedder.embed_query(query)
-            dense = self._dense(vector, n, filters)
+            dense = searched.result() if searched else self._dense(vector, n, filters)
             timings["dense_ms"] = (time.perf_counter() - t) * 1000  # what embedding left to wait for, and the search
         if timings.get("dense_skipped") and not lexical:
             t = time.perf_counter()

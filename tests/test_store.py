@@ -429,3 +429,29 @@ def test_a_busy_sqlite_database_is_reported_as_busy_not_damaged(tmp_path, monkey
     store = sqlite_store.SQLiteStore(tmp_path / "home", create=True)  # retried until it went through
     assert len(calls) == 2
     store.close()
+
+
+def test_a_hybrid_search_runs_the_dense_query_beside_the_lexical_one_where_the_store_allows(backend, corpus):
+    """PostgreSQL: the dense query runs in another thread, on its own connection, while the lexical one runs;
+    SQLite keeps both in the caller's thread. The hits are those of the sequential path."""
+    import threading
+
+    url, make = backend
+    kb = make()
+    kb.ingest([corpus])
+    store = kb._open_store()
+    threads = []
+    dense_search = store.dense_search
+
+    def recording(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return dense_search(*args, **kwargs)
+
+    store.dense_search = recording
+    beside = [(h.path, round(h.score, 6)) for h in kb.search("Greek alphabet first letter", k=3, mode="hybrid")]
+    assert len(threads) == 1 and (threads[0] != threading.get_ident()) == bool(url)
+    if url:
+        assert store.concurrent_dense and store._reader is not None and store._reader is not store.conn
+    store.concurrent_dense = False
+    sequential = [(h.path, round(h.score, 6)) for h in kb.search("Greek alphabet first letter", k=3, mode="hybrid")]
+    assert threads[1] == threading.get_ident() and beside == sequential

@@ -95,6 +95,9 @@ class Store(Protocol):
 
     home: Path
     location: str  # the database, as a person would name it (a file path, a URL without password)
+    # dense_search may run in another thread while this thread runs lexical_search (PostgreSQL: each on its
+    # own connection, so a hybrid search's two queries run at once in two server processes)
+    concurrent_dense: bool
 
     # the embedding model the index was built with
     def model_info(self) -> dict | None: ...

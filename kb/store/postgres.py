@@ -18,6 +18,7 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 import zlib
 from contextlib import contextmanager
@@ -196,6 +197,8 @@ class PostgresStore:
         self._psycopg = psycopg
         self._register_vector = register_vector
         self.conn = self._connect()
+        self._reader = None  # dense search's own connection (concurrent_dense), opened when first needed
+        self._reader_lock = threading.Lock()
         self._model_info: dict | None = None
         self._stats: tuple | None = None
         self._elements: tuple[float, dict[str, float]] | None = None
@@ -437,18 +440,30 @@ class PostgresStore:
         where, params = self._filter_sql(filters)
         select = ("SELECT c.id, 1 - (c.embedding <=> %s) FROM kb_chunks c JOIN kb_documents d ON d.id = c.doc_id "
                   f"WHERE {where} ORDER BY c.embedding <=> %s LIMIT %s")
-        with self._transaction():
-            self.conn.execute(f"SET LOCAL hnsw.ef_search = {max(40, 2 * k)}")
-            self.conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
-            rows = self.conn.execute(select, [q, *params, q, k]).fetchall()
-        if filters is not None and filters.active() and len(rows) < k:
-            allowed = self.conn.execute(f"SELECT count(*) FROM kb_chunks c JOIN kb_documents d ON d.id = c.doc_id "
-                                        f"WHERE {where}", params).fetchone()[0]
-            if allowed > len(rows):
-                with self._transaction():
-                    self.conn.execute("SET LOCAL enable_indexscan = off")
-                    rows = self.conn.execute(select, [q, *params, q, k]).fetchall()
+        with self._reader_lock:
+            conn = self._dense_connection()
+            with conn.transaction():
+                conn.execute(f"SET LOCAL hnsw.ef_search = {max(40, 2 * k)}")
+                conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+                rows = conn.execute(select, [q, *params, q, k]).fetchall()
+            if filters is not None and filters.active() and len(rows) < k:
+                allowed = conn.execute(f"SELECT count(*) FROM kb_chunks c JOIN kb_documents d ON d.id = c.doc_id "
+                                       f"WHERE {where}", params).fetchone()[0]
+                if allowed > len(rows):
+                    with conn.transaction():
+                        conn.execute("SET LOCAL enable_indexscan = off")
+                        rows = conn.execute(select, [q, *params, q, k]).fetchall()
         return sorted(((int(i), float(s)) for i, s in rows), key=lambda r: -r[1])
+
+    # A hybrid search runs dense_search in a thread while lexical_search runs on self.conn: measured at 1M
+    # chunks, the two queries in two server processes (benchmarks/scale.py, docs/retrieval.md).
+    concurrent_dense = True
+
+    def _dense_connection(self):
+        if self._reader is None:
+            self._reader = self._connect()
+            self._register_vector(self._reader)
+        return self._reader
 
     def _stats_cache(self) -> tuple:
         generation = self.generation
@@ -715,6 +730,8 @@ class PostgresStore:
                  "messages": r[5]} for r in rows]
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         self.conn.close()
 
     def __enter__(self):

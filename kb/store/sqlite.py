@@ -417,6 +417,8 @@ class VectorIndex:
 class SQLiteStore:
     """Documents, chunks, vectors, full-text terms, chats and the ask log of one home, in SQLite + FAISS."""
 
+    concurrent_dense = False  # one SQLite connection, used from the thread that opened it
+
     def __init__(self, home: Path, *, create: bool = False):
         self.home = Path(home)
         self.db_path = self.home / DB_NAME
