@@ -52,13 +52,16 @@ def file_hash(path: str) -> str:
     return h.hexdigest()
 
 
+EMBED_CALL = 256  # texts per call to the embedder within a group
+
+
 def run_ingest(
     store: Store,
     embedder: Embedder,
     paths: list[str],
     *,
     chunk_overlap: int = 32,
-    batch_size: int = 256,
+    batch_size: int = 2048,  # chunks gathered before they are embedded (sorted by length) and stored
     checkpoint_seconds: float = 30.0,
     progress: ProgressFn | None = None,
     ocr: bool = True,
@@ -213,8 +216,17 @@ def _embed_and_store(store, embedder, todo, report, timings, overlap, batch_size
         known = store.vectors_by_embed_hash(hashes)  # renamed files, unchanged sections of edited ones
         new = [i for i, h in enumerate(hashes) if h not in known]
         vecs = np.zeros((len(texts), embedder.dim), np.float32)
-        if new:
-            vecs[new] = embedder.embed_batch([texts[i] for i in new])
+        # longest first over the whole group, then in calls of EMBED_CALL texts: each call's batches pad little
+        # (the rust-blog chunks padded to 1.11 times their tokens in groups of 256, 1.02 in groups of 2,048)
+        order = sorted(new, key=lambda i: len(texts[i]), reverse=True)
+        for start in range(0, len(order), EMBED_CALL):
+            part = order[start:start + EMBED_CALL]
+            vecs[part] = embedder.embed_batch([texts[i] for i in part])
+            if start + EMBED_CALL < len(order):  # a long group still shows progress
+                elapsed = max(time.monotonic() - t_start, 1e-9)
+                embedded = report.chunks + start + len(part)
+                emit({"event": "progress", "files_done": done_files + len(report.failed), "files": len(todo),
+                      "chunks": embedded, "chunks_per_s": embedded / elapsed, "files_per_s": done_files / elapsed})
         for i, h in enumerate(hashes):
             if h in known:
                 vecs[i] = known[h]

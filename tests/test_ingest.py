@@ -381,3 +381,35 @@ def test_a_large_index_estimates_common_terms_from_a_stored_sample(make_kb, tmp_
     kb.ingest([docs])
     assert json.loads(store.get_meta("term_sample"))["total"] == 140
     assert kb.search("walrus lighthouse", k=1, mode="lexical")[0].path.endswith("n007.md")
+
+
+def test_a_group_is_embedded_longest_first_and_each_vector_reaches_its_own_chunk(make_kb, tmp_path, monkeypatch):
+    """The pipeline sorts a group of chunks by length before the embedder's calls (less padding) and shows
+    progress between calls; every stored vector must still be its own chunk's."""
+    import ingest.pipeline
+    from ingest.chunk import _context_prefix
+
+    monkeypatch.setattr(ingest.pipeline, "EMBED_CALL", 3)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(12):
+        words = " ".join(f"topic{i}word{j}" for j in range(5 + 7 * (i % 4)))
+        (docs / f"note{i}.md").write_text(f"# Note {i}\n\n{words}.\n", encoding="utf-8")
+    embedder = FakeEmbedder()
+    seen = []
+    embed_batch = embedder.embed_batch
+    embedder.embed_batch = lambda texts: (seen.append([len(t) for t in texts]), embed_batch(texts))[1]
+    kb = make_kb(embedder=embedder)
+    events = []
+    kb.ingest([docs], progress=events.append)
+    assert len(seen) >= 4 and all(len(call) <= 3 for call in seen)
+    flat = [n for call in seen for n in call]
+    assert flat == sorted(flat, reverse=True)  # one group, longest first across the calls
+    assert sum(1 for e in events if e.get("event") == "progress") >= len(seen)
+    store = kb._open_store()
+    rows = store.hits([(i, 0.0) for i in range(1, 13)])
+    vectors = store.chunk_vectors([h.chunk_id for h in rows])
+    assert len(rows) == 12
+    for hit in rows:
+        embedded = _context_prefix(hit.title, hit.heading) + hit.text  # what the pipeline embedded for it
+        assert np.allclose(vectors[hit.chunk_id], embed_batch([embedded])[0]), hit.path
