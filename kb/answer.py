@@ -15,7 +15,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
-from kb.evidence import Evidence, join_adjacent
+from kb.evidence import (STOP_WORDS, Evidence, answer_type, join_adjacent, question_terms, term_units, tokenize,
+                         type_candidates)
 from kb.generator import Generator
 from kb.text import unspaced_ratio
 from kb.types import Hit
@@ -133,8 +134,6 @@ def support(body: str, question: str, sources: list[Source]) -> float:
     """Share of the answer's own content words (stemmed words, numbers, even one digit, CJK characters; the
     question's words aside) found in the sources it cites, or in all of them when it cites none. 0 for an
     answer that says nothing beyond the question ("the answer is [2]")."""
-    from kb.evidence import STOP_WORDS, tokenize
-
     asked = set(tokenize(question).keys)
     words = [k for k in tokenize(_CITATION_MARK.sub(" ", body)).keys
              if k not in STOP_WORDS and k not in asked and not (len(k) == 1 and k.isascii() and not k.isdigit())]
@@ -158,8 +157,6 @@ def states_asked_type(body: str, question: str) -> bool:
     room temperature") while the answer's only number belongs to another clause ("once a week in the
     fridge"); a short phrase set off beside that clause counts with it ("In 1891, Dewar produced ..."). True
     when the question expects no type, or no clause holds a question term."""
-    from kb.evidence import answer_type, question_terms, term_units, tokenize, type_candidates
-
     kind = answer_type(question)
     if kind is None:
         return True
@@ -176,8 +173,6 @@ def states_asked_type(body: str, question: str) -> bool:
 
 
 def asked_type_words(question: str) -> str:
-    from kb.evidence import answer_type
-
     return _KIND_WORDS.get(answer_type(question) or "", "what was asked")
 
 
