@@ -386,3 +386,21 @@ def test_chinese_answer_types_are_not_fooled_by_topic_words():
     assert answer_type("他几乎每天做什么？") is None  # 几乎: almost
     assert answer_type("哪一位胡格诺派后裔成为了武器制造商?") == "person"
     assert answer_type("他在哪里出生？") == "place" and answer_type("人口占百分之几？") == "number"
+
+
+def test_a_definition_question_prefers_the_sentence_that_defines_the_term(monkeypatch):
+    import kb.evidence
+    from kb.evidence import defines, definition_subject
+
+    assert definition_subject("翼尖小翼是什么？") == "翼尖小翼" and definition_subject("什么是羊水栓塞？") == "羊水栓塞"
+    assert definition_subject("What is a winglet?") == "winglet"
+    assert definition_subject("那须盐原车站的原名是什么？") is None  # an attribute, not a definition
+    assert definition_subject("What is the capital of Peru?") is None
+    assert defines("<br>翼尖小翼（winglet），又称翼梢小翼。", "翼尖小翼") and defines("A winglet is a device.", "winglet")
+    assert not defines("除了飞机以外，赛车也会装上翼尖小翼。", "翼尖小翼")
+    text = ("除了飞机以外，现今大多数赛车也会在后扰流器两端装上翼尖小翼。军机亦无翼尖小翼的设计。"
+            "翼尖小翼，又称作翼梢小翼，通常用于提高航空器机翼的效率。")
+    q = prepare_question("翼尖小翼是什么？", flat_doc_freqs)
+    assert select_evidence(assess(q, [Passage(n=1, text=text)]).scored, 1)[0].text.startswith("翼尖小翼，又称作")
+    monkeypatch.setitem(kb.evidence.WEIGHTS, "defines", 0.0)
+    assert not select_evidence(assess(q, [Passage(n=1, text=text)]).scored, 1)[0].text.startswith("翼尖小翼，又称作")
