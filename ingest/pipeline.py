@@ -207,6 +207,11 @@ def _embed_and_store(store, embedder, todo, report, timings, overlap, batch_size
     last_checkpoint = time.monotonic()
     t_start = time.monotonic()
 
+    def show_progress(chunks: int) -> None:
+        elapsed = max(time.monotonic() - t_start, 1e-9)
+        emit({"event": "progress", "files_done": done_files + len(report.failed), "files": len(todo),
+              "chunks": chunks, "chunks_per_s": chunks / elapsed, "files_per_s": done_files / elapsed})
+
     def flush():
         nonlocal texts, pending, done_files, last_checkpoint
         if not pending:
@@ -223,10 +228,7 @@ def _embed_and_store(store, embedder, todo, report, timings, overlap, batch_size
             part = order[start:start + EMBED_CALL]
             vecs[part] = embedder.embed_batch([texts[i] for i in part])
             if start + EMBED_CALL < len(order):  # a long group still shows progress
-                elapsed = max(time.monotonic() - t_start, 1e-9)
-                embedded = report.chunks + start + len(part)
-                emit({"event": "progress", "files_done": done_files + len(report.failed), "files": len(todo),
-                      "chunks": embedded, "chunks_per_s": embedded / elapsed, "files_per_s": done_files / elapsed})
+                show_progress(report.chunks + start + len(part))
         for i, h in enumerate(hashes):
             if h in known:
                 vecs[i] = known[h]
@@ -252,9 +254,7 @@ def _embed_and_store(store, embedder, todo, report, timings, overlap, batch_size
             store.save_vectors(final=False)
             last_checkpoint = time.monotonic()
         timings["store"] += time.perf_counter() - t
-        elapsed = max(time.monotonic() - t_start, 1e-9)
-        emit({"event": "progress", "files_done": done_files + len(report.failed), "files": len(todo),
-              "chunks": report.chunks, "chunks_per_s": report.chunks / elapsed, "files_per_s": done_files / elapsed})
+        show_progress(report.chunks)
 
     try:
         while True:

@@ -573,25 +573,19 @@ def _phrases(question: str, terms: dict[str, float], texts: Sequence[str]) -> li
     """Runs of overlapping question bigrams that the passages hold as one string: the words and names of
     a Chinese question ("天门冬" is the bigrams 天门 and 门冬). Two neighbouring bigrams belong together when
     the three characters they span occur in a passage."""
-    out = []
+    chains: list[list[str]] = []
     for m in _CJK_RUN.finditer(question.lower()):
         run = m.group()
-        chain: list[str] = []
+        chains.append([])
         for i in range(len(run) - 1):
             bigram = run[i:i + 2]
             if bigram not in terms:
-                if len(chain) > 1:
-                    out.append(chain)
-                chain = []
+                chains.append([])
                 continue
-            if chain and not any(run[i - 1:i + 2] in t for t in texts):
-                if len(chain) > 1:
-                    out.append(chain)
-                chain = []
-            chain.append(bigram)
-        if len(chain) > 1:
-            out.append(chain)
-    return out
+            if chains[-1] and not any(run[i - 1:i + 2] in t for t in texts):
+                chains.append([])
+            chains[-1].append(bigram)
+    return [chain for chain in chains if len(chain) > 1]
 
 
 _CJK_RUN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
@@ -751,6 +745,10 @@ def select_evidence(scored: list[Evidence], top: int = 3,
     picked: list[Evidence] = []
     seen: set[str] = set()
     by_place = {(e.n, e.chunk_id, e.index): e for e in scored}
+
+    def quoted(e: Evidence, i: int) -> bool:  # sentence i of e's passage is inside a chosen quote
+        return any(o.n == e.n and o.chunk_id == e.chunk_id and o.index <= i <= o.last for o in picked)
+
     for e in scored:
         if len(picked) == top:
             break
@@ -760,13 +758,12 @@ def select_evidence(scored: list[Evidence], top: int = 3,
         quote = Evidence(**{**e.__dict__, "matches": list(e.matches)})
         if passages and e.n in passages:
             text, spans = passages[e.n]
-            if any(o.n == e.n and o.chunk_id == e.chunk_id and o.index <= e.index <= o.last for o in picked):
+            if quoted(e, e.index):
                 continue
             first, last = complete_sentence(text, spans, e.index)
             for i in range(first, last + 1):
                 other = by_place.get((e.n, e.chunk_id, i))
-                if i != e.index and other is not None and not any(
-                        o.n == e.n and o.chunk_id == e.chunk_id and o.index <= i <= o.last for o in picked):
+                if i != e.index and other is not None and not quoted(e, i):
                     _join(quote, other, text)
         seen.add(key)
         picked.append(quote)

@@ -372,7 +372,7 @@ def test_a_large_index_estimates_common_terms_from_a_stored_sample(make_kb, tmp_
     assert store.doc_freqs(["lighthouse", "walrus"]) == (120, {"lighthouse": 120, "walrus": 1})
     # the estimate is what answers for a sampled term: with a stored share of one half, half the chunks
     store.set_meta(term_sample=json.dumps({**sample, "shares": {"lighthouse": 0.5}}))
-    store._df_cache = store._sample = None
+    store._stats = None  # forget the cached statistics, as a new generation would
     assert store.doc_freqs(["lighthouse"])[1]["lighthouse"] == 60
     kb.ingest([docs])  # nothing changed: the sample stays
     assert json.loads(store.get_meta("term_sample"))["shares"] == {"lighthouse": 0.5}

@@ -434,24 +434,17 @@ class SQLiteStore:
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             migrate(self.db, str(self.db_path))
-        except sqlite3.OperationalError as e:
+        except sqlite3.DatabaseError as e:
             conn.close()
-            if _busy(e):
+            if isinstance(e, sqlite3.OperationalError) and _busy(e):
                 raise Locked(f"the knowledge base database {self.db_path} stayed busy: {e}",
                              hint="another kb process is writing to it; try again when it is done") from e
             raise DamagedIndex(f"the knowledge base database {self.db_path} is damaged ({e})",
                                hint="run `kb doctor --repair`: it moves the damaged file aside and rebuilds the "
                                     "index from your files") from e
-        except sqlite3.DatabaseError as e:
-            conn.close()
-            raise DamagedIndex(f"the knowledge base database {self.db_path} is damaged ({e})",
-                               hint="run `kb doctor --repair`: it moves the damaged file aside and rebuilds the "
-                                    "index from your files") from e
         self._vectors: VectorIndex | None = None
         self._model_info: dict | None = None
-        self._df_cache: tuple | None = None
-        self._avgdl: tuple[int, float] | None = None
-        self._sample: tuple[int, dict | None] | None = None
+        self._stats: dict | None = None  # what the index's statistics are until it changes (_index_stats)
 
     # --- metadata -------------------------------------------------------------------------------
 
@@ -691,19 +684,19 @@ class SQLiteStore:
         shares = {t: round(c / len(picked), 5) for t, c in counts.items() if c >= floor}
         self.set_meta(term_sample=json.dumps({"total": total, "rows": len(picked), "shares": shares},
                                              ensure_ascii=False))
-        self._sample = None
+        self._index_stats().pop("sample", None)
 
     def _term_sample(self) -> dict | None:
         """The stored term sample (read once per generation of the index)."""
-        generation = self.generation
-        if self._sample is None or self._sample[0] != generation:
+        stats = self._index_stats()
+        if "sample" not in stats:
             raw = self.get_meta("term_sample")
             try:
                 sample = json.loads(raw) if raw else None
             except ValueError:
                 sample = None
-            self._sample = (generation, sample if isinstance(sample, dict) and "shares" in sample else None)
-        return self._sample[1]
+            stats["sample"] = sample if isinstance(sample, dict) and "shares" in sample else None
+        return stats["sample"]
 
     def _vectors_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(the chunk ids of `ids` that the database holds, their stored float32 vectors), in batches of 10,000."""
@@ -750,22 +743,26 @@ class SQLiteStore:
             )
         return out
 
-    def _term_cache(self) -> tuple[int, int, dict]:
+    def _index_stats(self) -> dict:
+        """Statistics that change only with the index, kept until its generation moves on: "total" chunks and
+        counted document frequencies ("df"); the average terms per row ("avgdl") and the stored term sample
+        ("sample") are added when first asked for."""
         generation = self.generation
-        if self._df_cache is None or self._df_cache[0] != generation:
+        if self._stats is None or self._stats["generation"] != generation:
             total = self.db.execute("SELECT count(*) FROM chunks").fetchone()[0]
-            self._df_cache = (generation, total, {})
-        return self._df_cache
+            self._stats = {"generation": generation, "total": total, "df": {}}
+        return self._stats
 
     def fts_size(self) -> int:
         """Chunks in the index (cached until it changes)."""
-        return self._term_cache()[1]
+        return self._index_stats()["total"]
 
     def doc_freqs(self, terms: list[str]) -> tuple[int, dict[str, int]]:
         """(chunks in the full-text index, chunks containing each term), cached until the index changes. From
         TERM_SAMPLE_FROM chunks, a term the stored sample holds is estimated from it (its exact form: FTS5's count
         would also take its other endings); any other term is counted."""
-        _, total, cache = self._term_cache()
+        stats = self._index_stats()
+        total, cache = stats["total"], stats["df"]
         sample = self._term_sample() if any(t not in cache for t in terms) else None
         shares = sample["shares"] if sample and total >= TERM_SAMPLE_FROM else {}
         for term in terms:
@@ -848,11 +845,11 @@ class SQLiteStore:
 
     def _average_terms(self) -> float:
         """Terms per full-text row, on a sample of rows (cached until the index changes)."""
-        generation = self.generation
-        if self._avgdl is None or self._avgdl[0] != generation:
+        stats = self._index_stats()
+        if "avgdl" not in stats:
             rows = self.db.execute("SELECT terms FROM chunks_fts LIMIT 2000").fetchall()
-            self._avgdl = (generation, max(sum(len((r[0] or "").split()) for r in rows) / max(len(rows), 1), 1.0))
-        return self._avgdl[1]
+            stats["avgdl"] = max(sum(len((r[0] or "").split()) for r in rows) / max(len(rows), 1), 1.0)
+        return stats["avgdl"]
 
     @staticmethod
     def _allowed_chunks_sql(where: str) -> str:
