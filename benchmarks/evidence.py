@@ -3,8 +3,9 @@
 1. For every question of each SQuAD-format set (each passage indexed as a document, as `kb eval` does):
    retrieval and evidence as `kb ask` runs them (KnowledgeBase.evidence_search); whether a gold answer is in
    the best evidence sentence (top-1) and in the quotes shown (the best three sentences, neighbours joined:
-   top-3), whether it is in the passages given at all (the ceiling), and how often a passage from below the
-   top k took a place for its evidence. Same normalization as `kb eval answers`.
+   top-3), whether it is in the extractive answer (the best sentence, and the second best when it scores
+   almost as well: kb.answer.extractive_text), whether it is in the passages given at all (the ceiling), and
+   how often a passage from below the top k took a place for its evidence. Same normalization as `kb eval answers`.
 2. The cost of evidence per question on top of retrieval (in process, warm): p50 and p95.
 3. `kb ask --extractive` from a cold process on the bundled examples: wall time p50 and max.
 
@@ -28,7 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from report import print_sections, run_child  # noqa: E402  (benchmarks/report.py)
 
-from kb.evaluate import _open_eval_kb, contains_gold, load_eval_set  # noqa: E402
+from kb.answer import extractive_text  # noqa: E402
+from kb.evaluate import _open_eval_kb, answer_body, contains_gold, load_eval_set  # noqa: E402
 from kb.evidence import join_adjacent  # noqa: E402
 
 QA = ROOT.parent / "shared" / "data" / "qa"
@@ -38,7 +40,7 @@ DEFAULT_SETS = [QA / "xquad.en.json", QA / "xquad.zh.json", QA / "cmrc2018_trial
 def evidence_quality(path: Path, cache: Path) -> dict:
     eval_set = load_eval_set(path)
     kb, _ = _open_eval_kb(eval_set, cache / eval_set.name, None, None)
-    top1 = top3 = ceiling = swapped = 0
+    top1 = top3 = extractive = ceiling = swapped = 0
     costs = []
     questions = [q for q in eval_set.questions if q["answers"]]
     for q in questions:
@@ -49,11 +51,13 @@ def evidence_quality(path: Path, cache: Path) -> dict:
         swapped += bool(result.timings.get("evidence_swapped"))
         top1 += bool(evidence) and contains_gold(evidence[0].text, q["answers"])
         top3 += any(contains_gold(x.text, q["answers"]) for x in quotes)
+        extractive += contains_gold(answer_body(extractive_text(evidence)), q["answers"])
         ceiling += any(contains_gold(h.text, q["answers"]) for h in result.hits)
     kb.close()
     n = len(questions)
     costs.sort()
     return {"questions": n, "evidence_top1": round(top1 / n, 4), "evidence_top3": round(top3 / n, 4),
+            "extractive_contains_gold": round(extractive / n, 4),
             "gold_in_passages": round(ceiling / n, 4), "passages_swapped": round(swapped / n, 4),
             "evidence_ms_p50": round(statistics.median(costs), 2), "evidence_ms_p95": round(costs[int(0.95 * n)], 2)}
 

@@ -107,16 +107,26 @@ def evidence_block(evidence: list[Evidence]) -> str:
 _MARKUP = re.compile(r"^\s*(?:[-*+•]\s+|#{1,6}\s+|>\s*)|\*\*|__|`")
 
 
+# An extractive answer quotes the second-best sentence too when it scores at least this share of the best:
+# the scorer cannot tell them apart, so the reader sees both (docs/answers.md has the measurements).
+SECOND_QUOTE = 0.85
+
+
 def extractive_text(evidence: list[Evidence]) -> str:
-    """An answer made of the best evidence sentence itself, cited: nothing in it the documents do not say."""
+    """An answer made of the best evidence sentence itself, cited (and the runner-up when it scores almost as
+    well): nothing in it the documents do not say."""
     if not evidence:
         return ""
-    best = evidence[0]
-    lines = [_MARKUP.sub("", line).strip() for line in best.text.splitlines()]
-    text = " ".join(line for line in lines if line)
-    if unspaced_ratio(text) >= 0.5:
-        text = re.sub(r"(?<=[\u3000-\u9fff\uff00-\uffef])\s+(?=[\u3000-\u9fff\uff00-\uffef])", "", text)
-    return f"{text} [{best.n}]"
+    chosen = evidence[:1] + [e for e in evidence[1:2] if e.score >= SECOND_QUOTE * evidence[0].score]
+    parts = []
+    for e in chosen:
+        lines = [_MARKUP.sub("", line).strip() for line in e.text.splitlines()]
+        text = " ".join(line for line in lines if line)
+        if unspaced_ratio(text) >= 0.5:
+            text = re.sub(r"(?<=[\u3000-\u9fff\uff00-\uffef])\s+(?=[\u3000-\u9fff\uff00-\uffef])", "", text)
+        parts.append((text, e.n))
+    joiner = "" if unspaced_ratio(parts[0][0]) >= 0.5 else " "
+    return joiner.join(f"{text} [{n}]" for text, n in parts)
 
 
 # A generated answer passes when at least this share of its own words (those not in the question) occur in

@@ -340,6 +340,8 @@ def test_a_chinese_name_counts_once_not_once_per_bigram(monkeypatch):
     assert "天门" in q.terms and "些问" not in q.terms  # 些 is grammar, like 什 and 几
     best = select_evidence(assess(q, [Passage(n=1, text=text)]).scored, 1)[0]
     assert best.text.startswith("块根可入药")
+    monkeypatch.setattr(kb.evidence, "TOPIC", 0.0)  # (the passage's topic carried to it would also rescue it)
+    assert select_evidence(assess(q, [Passage(n=1, text=text)]).scored, 1)[0].text.startswith("块根可入药")
     monkeypatch.setattr(kb.evidence, "_phrases", lambda *a: [])  # every bigram counted on its own
     assert not select_evidence(assess(q, [Passage(n=1, text=text)]).scored, 1)[0].text.startswith("块根可入药")
 
@@ -404,3 +406,38 @@ def test_a_definition_question_prefers_the_sentence_that_defines_the_term(monkey
     assert select_evidence(assess(q, [Passage(n=1, text=text)]).scored, 1)[0].text.startswith("翼尖小翼，又称作")
     monkeypatch.setitem(kb.evidence.WEIGHTS, "defines", 0.0)
     assert not select_evidence(assess(q, [Passage(n=1, text=text)]).scored, 1)[0].text.startswith("翼尖小翼，又称作")
+
+
+def test_an_extractive_answer_quotes_the_runner_up_only_when_it_scores_almost_as_well():
+    from kb.answer import SECOND_QUOTE, extractive_text
+    from kb.evidence import Evidence
+
+    best = Evidence(n=1, text="体呈淡蓝红色。", start=0, end=7, score=1.0)
+    close = Evidence(n=2, text="尾鳍外缘金黄色。", start=0, end=8, score=SECOND_QUOTE)
+    far = Evidence(n=2, text="尾鳍外缘金黄色。", start=0, end=8, score=SECOND_QUOTE - 0.01)
+    assert extractive_text([best, close]) == "体呈淡蓝红色。 [1]尾鳍外缘金黄色。 [2]"
+    assert extractive_text([best, far]) == "体呈淡蓝红色。 [1]"
+    english = [Evidence(n=1, text="- It eats **ants**.", start=0, end=19, score=0.9),
+               Evidence(n=3, text="It eats termites.", start=0, end=17, score=0.8)]
+    assert extractive_text(english) == "It eats ants. [1] It eats termites. [3]"
+    assert extractive_text([]) == ""
+
+
+def test_a_chinese_sentence_without_its_subject_speaks_of_the_passage_s_topic(monkeypatch):
+    """Chinese drops the subject once the passage has named it: "经济以矿业为支柱" is about 冷湖行政区's economy
+    although only the other sentences name the place (a rare name, which outweighs 经济 in them)."""
+    import kb.evidence
+
+    def doc_freqs(terms):
+        return 1000, {t: 2 if t in ("冷湖", "湖行", "行政", "政区") else 100 if len(t) == 2 else 300 for t in terms}
+
+    text = ("冷湖行政区是青海省海西州下辖的一个县级行政区，中国重要矿区之一。冷湖行政区气候恶劣，终年寒冷多风。"
+            "经济以矿业为支柱，尤以石油开采为重要。冷湖行政区总面积1.8万平方公里。")
+    q = prepare_question("冷湖行政区的经济主要是由什么支撑的？", doc_freqs)
+    scored = {e.text: e.score for e in assess(q, [Passage(n=1, text=text)]).scored}
+    monkeypatch.setattr(kb.evidence, "TOPIC", 0.0)
+    without = {e.text: e.score for e in assess(q, [Passage(n=1, text=text)]).scored}
+    aspect = "经济以矿业为支柱，尤以石油开采为重要。"
+    assert max(scored, key=scored.get) == aspect and max(without, key=without.get) != aspect
+    first = text[:text.index("。") + 1]  # it inherits nothing
+    assert scored[first] == pytest.approx(without[first])
