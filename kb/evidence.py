@@ -513,6 +513,9 @@ def _sentences(passage: Passage, q: QuestionTerms) -> tuple[list[_Sentence], set
     tokens = tokenize(passage.text)
     starts = [a for a, _ in tokens.spans]
     positions = {t: _term_positions(tokens, term_units(t)) for t in q.terms}
+    for t in q.terms:  # "别名是什么？" is answered by "又名 ..."
+        for other in _SAME_WORD.get(t, ()):
+            positions[t] = sorted(set(positions[t]) | set(_term_positions(tokens, term_units(other))))
     wanted = _question_ngrams(q.question)
     out = []
     for s, e in split_sentences(passage.text):
@@ -524,6 +527,11 @@ def _sentences(passage: Passage, q: QuestionTerms) -> tuple[list[_Sentence], set
             wording = len(wanted & set(zip(keys, keys[1:]))) / len(wanted)
         out.append(_Sentence(s, e, {t: p for t, p in found.items() if p}, wording))
     return out, {t for t, pos in positions.items() if pos}
+
+
+# Words that say the same thing, each counting as the question's: the ways Chinese introduces another name
+_ALIASES = ("别名", "别称", "又名", "又称", "亦称", "也称", "俗称", "亦名", "又叫", "也叫", "通称", "旧称")
+_SAME_WORD = {w: [o for o in _ALIASES if o != w] for w in _ALIASES}
 
 
 @lru_cache(maxsize=256)
@@ -656,7 +664,8 @@ def assess(q: QuestionTerms, passages: Sequence[Passage]) -> Assessment:
     subject = definition_subject(q.question)
     scored: list[Evidence] = []
     for passage, sentences, context, in_passage in split:
-        pcov = sum(local[t] for t in in_passage) / local_total if local_total else 0.0
+        # whether a passage is about the question rests on its rarest terms (the names): index weights here
+        pcov = passage_coverage[passage.n]
         carried: set[str] = set()  # what the sentence before speaks of, through its own pronouns too
         topic: set[str] = set()  # the question terms of the passage's first sentence
         for i, s in enumerate(sentences):
@@ -714,8 +723,8 @@ def assess(q: QuestionTerms, passages: Sequence[Passage]) -> Assessment:
 # calibrated by benchmarks/calibrate_refusal.py: the bias puts 0.5 where about 96% of answerable questions
 # pass on the calibration sets. Regenerate them with that script rather than editing by hand.
 ANSWERABILITY = {
-    "spaced": ({"evidence": 2.456, "window_coverage": 1.499, "passage_coverage": 1.568, "passage_similarity": 0.977}, -3.049),
-    "unspaced": ({"evidence": 2.103, "window_coverage": 1.969, "passage_coverage": 2.071}, -1.92),
+    "spaced": ({"evidence": 2.463, "window_coverage": 1.495, "passage_coverage": 1.565, "passage_similarity": 0.989}, -3.054),
+    "unspaced": ({"evidence": 2.281, "window_coverage": 1.845, "passage_coverage": 1.944}, -2.007),
 }
 
 
@@ -730,9 +739,10 @@ def _match_spans(text: str, found: dict[str, list[int]]) -> list[tuple[int, int]
     tokens = tokenize(text)
     spans = []
     for term in found:
-        units = term_units(term)
-        for p in _term_positions(tokens, units):
-            spans.append((tokens.spans[p][0], tokens.spans[p + len(units) - 1][1]))
+        for word in (term, *_SAME_WORD.get(term, ())):
+            units = term_units(word)
+            for p in _term_positions(tokens, units):
+                spans.append((tokens.spans[p][0], tokens.spans[p + len(units) - 1][1]))
     spans.sort()
     merged: list[tuple[int, int]] = []
     for a, b in spans:

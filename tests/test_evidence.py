@@ -441,3 +441,17 @@ def test_a_chinese_sentence_without_its_subject_speaks_of_the_passage_s_topic(mo
     assert max(scored, key=scored.get) == aspect and max(without, key=without.get) != aspect
     first = text[:text.index("。") + 1]  # it inherits nothing
     assert scored[first] == pytest.approx(without[first])
+
+
+def test_a_question_about_another_name_finds_the_sentence_that_gives_it(monkeypatch):
+    """"蓍的别名是什么？" is answered by "蓍，又名欧蓍、千叶蓍 ..." (又名, not 别名), not by another plant's 别名."""
+    q = prepare_question("蓍的别名是什么？", lambda terms: (1000, {t: 2 if t == "蓍" else 50 for t in terms}))
+    other = Passage(n=1, text="夜来香是萝藦科夜来香属的植物，别名“夜香花”、“夜兰香”。")
+    right = Passage(n=2, text="蓍，又名欧蓍、千叶蓍、锯草，是菊科蓍属的植物。分布于北半球。")
+    best = select_evidence(assess(q, [other, right]).scored, 1)[0]
+    assert best.n == 2 and best.text.startswith("蓍，又名")
+    assert any(best.text[a:b] == "又名" for a, b in best.matches)
+    import kb.evidence
+
+    monkeypatch.setattr(kb.evidence, "_SAME_WORD", {})
+    assert select_evidence(assess(q, [other, right]).scored, 1)[0].n == 1
