@@ -114,10 +114,12 @@ SECOND_QUOTE = 0.85
 
 def extractive_text(evidence: list[Evidence]) -> str:
     """An answer made of the best evidence sentence itself, cited (and the runner-up when it scores almost as
-    well): nothing in it the documents do not say."""
+    well): nothing in it the documents do not say. Two sentences of one passage read in the passage's order."""
     if not evidence:
         return ""
     chosen = evidence[:1] + [e for e in evidence[1:2] if e.score >= SECOND_QUOTE * evidence[0].score]
+    if len(chosen) == 2 and chosen[0].n == chosen[1].n and chosen[0].chunk_id == chosen[1].chunk_id:
+        chosen.sort(key=lambda e: e.start)
     parts = []
     for e in chosen:
         lines = [_MARKUP.sub("", line).strip() for line in e.text.splitlines()]
@@ -126,7 +128,13 @@ def extractive_text(evidence: list[Evidence]) -> str:
             text = re.sub(r"(?<=[\u3000-\u9fff\uff00-\uffef])\s+(?=[\u3000-\u9fff\uff00-\uffef])", "", text)
         parts.append((text, e.n))
     joiner = "" if unspaced_ratio(parts[0][0]) >= 0.5 else " "
-    return joiner.join(f"{text} [{n}]" for text, n in parts)
+    if len(parts) == 1:
+        return f"{parts[0][0]} [{parts[0][1]}]"
+    (first, n), (second, m) = parts
+    if n != m:
+        return f"{first} [{n}]{joiner}{second} [{m}]"
+    gap = chosen[1].start - chosen[0].end > 2  # text left out between them
+    return f"{first}{joiner.join(['', '…', '']) if gap else joiner}{second} [{n}]"
 
 
 # A generated answer passes when at least this share of its own words (those not in the question) occur in

@@ -420,6 +420,13 @@ def test_an_extractive_answer_quotes_the_runner_up_only_when_it_scores_almost_as
     english = [Evidence(n=1, text="- It eats **ants**.", start=0, end=19, score=0.9),
                Evidence(n=3, text="It eats termites.", start=0, end=17, score=0.8)]
     assert extractive_text(english) == "It eats ants. [1] It eats termites. [3]"
+    # two sentences of one passage read in its order, cited once; left-out text between them is marked
+    after = Evidence(n=1, text="头部有网状斑点。", start=7, end=15, score=1.0)
+    before = Evidence(n=1, text="体呈淡蓝红色。", start=0, end=7, score=0.9)
+    assert extractive_text([after, before]) == "体呈淡蓝红色。头部有网状斑点。 [1]"
+    later = Evidence(n=3, text="It eats termites.", start=30, end=47, score=1.0)
+    earlier = Evidence(n=3, text="It lives in Asia.", start=0, end=17, score=0.9)
+    assert extractive_text([later, earlier]) == "It lives in Asia. … It eats termites. [3]"
     assert extractive_text([]) == ""
 
 
