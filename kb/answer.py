@@ -117,7 +117,8 @@ def extractive_text(evidence: list[Evidence]) -> str:
     well): nothing in it the documents do not say. Two sentences of one passage read in the passage's order."""
     if not evidence:
         return ""
-    chosen = evidence[:1] + [e for e in evidence[1:2] if e.score >= SECOND_QUOTE * evidence[0].score]
+    best = evidence[0].score
+    chosen = evidence[:1] + [e for e in evidence[1:2] if best > 0 and e.score >= SECOND_QUOTE * best]
     if len(chosen) == 2 and chosen[0].n == chosen[1].n and chosen[0].chunk_id == chosen[1].chunk_id:
         chosen.sort(key=lambda e: e.start)
     parts = []
