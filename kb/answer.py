@@ -134,8 +134,9 @@ def extractive_text(evidence: list[Evidence]) -> str:
     (first, n), (second, m) = parts
     if n != m:
         return f"{first} [{n}]{joiner}{second} [{m}]"
-    gap = chosen[1].start - chosen[0].end > 2  # text left out between them
-    return f"{first}{joiner.join(['', '…', '']) if gap else joiner}{second} [{n}]"
+    if chosen[1].start - chosen[0].end > 2:  # text left out between them
+        joiner = "…" if not joiner else " … "
+    return f"{first}{joiner}{second} [{n}]"
 
 
 # A generated answer passes when at least this share of its own words (those not in the question) occur in
