@@ -231,8 +231,10 @@ class KnowledgeBase:
         if vector is None and trusted and result.hits:
             vector = self.embedder.embed_query(question)
         vectors = store.chunk_vectors([h.chunk_id for h in result.hits]) if vector is not None and trusted else {}
+        leads = store.section_leads([h.chunk_id for h in result.hits])
         passages = [
             Passage(n=i + 1, text=h.text, title=h.title, heading=h.heading, rank=i, chunk_id=h.chunk_id,
+                    lead=leads.get(h.chunk_id, ""),
                     similarity=float(vector @ vectors[h.chunk_id]) if h.chunk_id in vectors
                     and len(vectors[h.chunk_id]) == len(vector) else None)
             for i, h in enumerate(result.hits)

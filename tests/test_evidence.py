@@ -462,3 +462,17 @@ def test_a_question_about_another_name_finds_the_sentence_that_gives_it(monkeypa
 
     monkeypatch.setattr(kb.evidence, "_SAME_WORD", {})
     assert select_evidence(assess(q, [other, right]).scored, 1)[0].n == 1
+
+
+def test_a_passage_that_starts_further_into_its_section_speaks_of_the_section_s_lead():
+    """A later chunk of an article ("功能发汗退热、消肿解毒。") never names its subject; with its section's lead it
+    answers a question about that subject ahead of a sentence about something else that shares the aspect's word."""
+    q = prepare_question("短叶水蜈蚣有哪些功能？", flat_doc_freqs)
+    later = "叶片呈线形，边缘平滑。功能发汗退热、消肿解毒。"
+    other = Passage(n=1, text="这款手机的功能很多，可以拍照和导航。", rank=0)
+    with_lead = Passage(n=2, text=later, rank=1, lead="短叶水蜈蚣是莎草科水蜈蚣属的植物。")
+    scored = assess(q, [other, with_lead]).scored
+    assert (scored[0].n, scored[0].text) == (2, "功能发汗退热、消肿解毒。")
+    assert scored[0].score > 2 * next(e.score for e in scored if e.n == 1)
+    without = assess(q, [other, Passage(n=2, text=later, rank=1)]).scored  # nothing ties it to 短叶水蜈蚣
+    assert without[0].score < 0.5 * scored[0].score

@@ -125,6 +125,35 @@ def test_a_version_number_is_one_lexical_term(backend, tmp_path):
     assert kb.search("quill 1.2", k=1, mode="lexical")[0].path.endswith("other2.md")
 
 
+def write_herb(folder: Path) -> Path:
+    """A Chinese article whose later paragraphs no longer name their subject, as Chinese writing does, and a
+    second one that uses the aspect's word (功能) about something else."""
+    folder.mkdir()
+    filler = "".join(f"第{i}节的叶片呈线形，长约十厘米，宽约三毫米，边缘平滑，夏季开花，秋季结果。" for i in range(12))
+    (folder / "herb.txt").write_text(f"短叶水蜈蚣是莎草科水蜈蚣属的植物。\n\n{filler}\n\n功能发汗退热、消肿解毒。\n",
+                                     encoding="utf-8")
+    (folder / "phone.txt").write_text("这款手机的功能很多，可以拍照和导航。\n", encoding="utf-8")
+    return folder
+
+
+def test_a_later_chunk_is_found_through_its_sections_lead(backend, tmp_path):
+    """A chunk that does not open its section is indexed with the section's first sentence, which names what it
+    is about: "短叶水蜈蚣有哪些功能" finds "功能发汗退热" three chunks into the article."""
+    _, make = backend
+    kb = make()
+    kb.ingest([write_herb(tmp_path / "herb")])
+    hits = kb.search("短叶水蜈蚣有哪些功能？", k=3, mode="lexical")
+    assert "发汗退热" in hits[0].text and "短叶水蜈蚣" not in hits[0].text
+    store = kb._open_store()
+    chunks = kb.search("短叶水蜈蚣 叶片 功能 发汗", k=10, mode="lexical")
+    leads = store.section_leads([h.chunk_id for h in chunks])
+    herb = [h for h in chunks if h.path.endswith("herb.txt")]
+    assert len(herb) >= 3  # the article really was cut into several chunks
+    for h in herb:
+        opens = h.text.startswith("短叶水蜈蚣")
+        assert leads.get(h.chunk_id) == (None if opens else "短叶水蜈蚣是莎草科水蜈蚣属的植物。")
+
+
 def test_answers_conversations_and_the_ask_log(backend, corpus):
     _, make = backend
     kb = make(generator=FakeGenerator(), check_support=False)
@@ -280,6 +309,52 @@ def test_a_postgres_database_made_by_the_previous_version_reindexes_dotted_numbe
     try:
         assert [h.path.rsplit("/", 1)[1] for h in kb.search("1.0.0", k=5, mode="lexical")] == ["alpha.md"]
         assert [h.path.rsplit("/", 1)[1] for h in kb.search("1", k=5, mode="lexical")] == ["other.md"]
+    finally:
+        kb.close()
+
+
+def test_a_sqlite_home_made_before_section_leads_reindexes_its_later_chunks(make_kb, home, tmp_path):
+    """Migration m006 re-derives the full-text rows of chunks written without their section's lead."""
+    from kb.store import chunk_terms
+
+    kb = make_kb()
+    kb.ingest([write_herb(tmp_path / "herb")])
+    kb.close()
+    from kb.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(home)  # as the previous version wrote it
+    rows = store.db.execute("SELECT c.id, d.title, c.heading, c.text FROM chunks c JOIN documents d ON d.id = c.doc_id")
+    with store.db.conn:
+        store.db.execute("DELETE FROM chunks_fts")
+        store.db.conn.executemany("INSERT INTO chunks_fts (rowid, terms) VALUES (?, ?)",
+                                  [(i, chunk_terms(t, h, x)) for i, t, h, x in rows.fetchall()])
+        store.db.execute("DELETE FROM _migrations WHERE name = 'm006_section_leads_in_full_text'")
+    store.close()
+    kb = make_kb()
+    assert "发汗退热" in kb.search("短叶水蜈蚣有哪些功能？", k=1, mode="lexical")[0].text
+
+
+def test_a_postgres_database_made_before_section_leads_reindexes_its_later_chunks(postgres_url, tmp_path):
+    """Migration m004 re-derives the terms of chunks written without their section's lead."""
+    import psycopg
+
+    from kb.api import KnowledgeBase
+    from kb.store import chunk_term_list
+    from kb.store.postgres import tsvector_literal
+
+    kb = KnowledgeBase(tmp_path / "home", embedder=FakeEmbedder(), store=postgres_url)
+    kb.ingest([write_herb(tmp_path / "herb")])
+    kb.close()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:  # as the previous version wrote it
+        rows = conn.execute("SELECT c.id, d.title, c.heading, c.text FROM kb_chunks c "
+                            "JOIN kb_documents d ON d.id = c.doc_id").fetchall()
+        for i, title, heading, text in rows:
+            conn.execute("UPDATE kb_chunks SET terms = %s::tsvector WHERE id = %s",
+                         [tsvector_literal(chunk_term_list(title, heading, text)), i])
+        conn.execute("DELETE FROM kb_migrations WHERE name = 'm004_section_leads'")
+    kb = KnowledgeBase(tmp_path / "home", embedder=FakeEmbedder(), store=postgres_url)
+    try:
+        assert "发汗退热" in kb.search("短叶水蜈蚣有哪些功能？", k=1, mode="lexical")[0].text
     finally:
         kb.close()
 

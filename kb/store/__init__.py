@@ -13,13 +13,14 @@ import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from kb.text import lexical_document, lexical_terms
 from kb.types import Chunk, Hit
 
+LEAD_CHARS = 80  # the longest section lead (see section_lead)
 SOURCES_NAME = "sources.json"  # the paths given to each ingest, kept in the home: kb doctor rebuilds from it
 
 
@@ -62,13 +63,59 @@ _FILE_TYPE_ALIASES = {"md": "markdown", "markdown": "markdown", "txt": "text", "
                       "jpg": "image", "jpeg": "image", "tif": "image", "tiff": "image", "webp": "image", "bmp": "image"}
 
 
-def chunk_terms(title: str | None, heading: str | None, text: str) -> str:
-    """What the full-text index holds for a chunk: its document title, heading path and text."""
-    return lexical_document(f"{title or ''}\n{heading or ''}\n{text}")
+def chunk_terms(title: str | None, heading: str | None, text: str, lead: str = "") -> str:
+    """What the full-text index holds for a chunk: its document title, heading path, section lead and text."""
+    return lexical_document(f"{title or ''}\n{heading or ''}\n{lead}\n{text}")
 
 
-def chunk_term_list(title: str | None, heading: str | None, text: str) -> list[str]:
-    return lexical_terms(f"{title or ''}\n{heading or ''}\n{text}")
+def chunk_term_list(title: str | None, heading: str | None, text: str, lead: str = "") -> list[str]:
+    return lexical_terms(f"{title or ''}\n{heading or ''}\n{lead}\n{text}")
+
+
+def section_lead(text: str) -> str:
+    """The first sentence of a section's first chunk, at most LEAD_CHARS: it names what the section is about,
+    which its later chunks leave unsaid ("功能发汗退热" in a section that opened "短叶水蜈蚣（学名：），别名
+    无头土香 ..."). Later chunks are indexed with it, and evidence reads their sentences as speaking of it."""
+    from kb.evidence import split_sentences
+
+    spans = split_sentences(text[:4 * LEAD_CHARS])
+    return text[:spans[0][1] if spans else 0][:LEAD_CHARS]
+
+
+def chunk_leads(chunks: Sequence[tuple[str | None, str]]) -> list[str]:
+    """For (heading, text) of a document's chunks in order: `section_lead` of each chunk's section (the first
+    chunk under the same heading), "" for the chunk that opens it."""
+    first: dict[str, str] = {}
+    out = []
+    for heading, text in chunks:
+        heading = heading or ""
+        out.append(section_lead(first[heading]) if heading in first else "")
+        first.setdefault(heading, text)
+    return out
+
+
+def batches(items: Iterable, size: int) -> Iterator[list]:
+    """`items` in lists of `size` (the last shorter)."""
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def iter_leads(rows: Iterable[tuple]) -> Iterator[tuple[tuple, str]]:
+    """(row, `chunk_leads` lead) for rows (doc_id, heading, text, ...) ordered by document and chunk order,
+    streamed: one document's rows in memory at a time."""
+    doc: list[tuple] = []
+    for row in rows:
+        if doc and row[0] != doc[0][0]:
+            yield from zip(doc, chunk_leads([(r[1], r[2]) for r in doc]))
+            doc = []
+        doc.append(row)
+    yield from zip(doc, chunk_leads([(r[1], r[2]) for r in doc]))
 
 
 BM25_K1, BM25_B = 1.2, 0.75  # FTS5's bm25() constants; the PostgreSQL store and SQLite's rescoring use them too
@@ -129,6 +176,7 @@ class Store(Protocol):
     def fts_size(self) -> int: ...
     def hits(self, scored: list[tuple[int, float]]) -> list[Hit]: ...
     def chunk_vectors(self, ids: list[int]) -> dict[int, np.ndarray]: ...
+    def section_leads(self, ids: list[int]) -> dict[int, str]: ...  # see SQLiteStore.section_leads
     def vectors_by_embed_hash(self, hashes: list[str]) -> dict[str, np.ndarray]: ...
 
     # ingest bookkeeping

@@ -29,7 +29,8 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from kb.errors import KBError, Locked, ModelMismatch, NotIngested
-from kb.store import BM25_B, BM25_K1, Filters, StoredDocument, bm25_idf, chunk_term_list, rarest_within
+from kb.store import (BM25_B, BM25_K1, LEAD_CHARS, Filters, StoredDocument, batches, bm25_idf, chunk_leads,
+                      chunk_term_list, iter_leads, rarest_within, section_lead)
 from kb.types import Chunk, Hit
 
 # Lexical candidates are bounded: the rows matched by the rarest query terms, adding terms from rarest to most
@@ -116,6 +117,24 @@ def m003_terms_statistics(conn) -> None:
 
 
 MIGRATIONS.append(("m003_terms_statistics", m003_terms_statistics))
+
+
+def m004_section_leads(conn) -> None:
+    """A chunk that does not open its section is now indexed with the section's first sentence too
+    (kb.store.section_lead): re-derive the terms of those chunks."""
+    if not conn.execute("SELECT to_regclass('kb_chunks') IS NOT NULL").fetchone()[0]:
+        return
+    with conn.cursor(name="kb_m004") as rows, conn.cursor() as cur:  # server-side: not a million rows at once
+        rows.execute("SELECT c.doc_id, c.heading, c.text, c.id, d.title FROM kb_chunks c "
+                     "JOIN kb_documents d ON d.id = c.doc_id ORDER BY c.doc_id, c.ord")
+        changed = ((chunk_term_list(title, heading, text, lead), chunk_id)
+                   for (_, heading, text, chunk_id, title), lead in iter_leads(rows) if lead)
+        for batch in batches(changed, 5000):
+            cur.executemany("UPDATE kb_chunks SET terms = %s::tsvector, n_terms = %s WHERE id = %s",
+                            [(tsvector_literal(terms), len(terms), chunk_id) for terms, chunk_id in batch])
+
+
+MIGRATIONS.append(("m004_section_leads", m004_section_leads))
 
 
 def _chunks_table(dim: int) -> str:
@@ -341,8 +360,9 @@ class PostgresStore:
                     "n_chunks, ingested_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id",
                     [path, *record]).fetchone()[0]
             rows = []
-            for chunk, vector, digest in zip(chunks, vectors, embed_hashes or [None] * len(chunks)):
-                terms = chunk_term_list(title, chunk.heading, chunk.text)
+            leads = chunk_leads([(c.heading, c.text) for c in chunks])
+            for chunk, vector, digest, lead in zip(chunks, vectors, embed_hashes or [None] * len(chunks), leads):
+                terms = chunk_term_list(title, chunk.heading, chunk.text, lead)
                 rows.append((doc_id, chunk.ord, chunk.text, chunk.heading, chunk.page, chunk.n_tokens,
                              np.asarray(vector, dtype=np.float32), digest, tsvector_literal(terms), len(terms)))
             new_ids = []
@@ -582,6 +602,15 @@ class PostgresStore:
             return {}
         rows = self.conn.execute("SELECT id, embedding FROM kb_chunks WHERE id = ANY(%s)", [list(ids)]).fetchall()
         return {r[0]: _as_array(r[1]) for r in rows if r[1] is not None}
+
+    def section_leads(self, ids: list[int]) -> dict[int, str]:
+        if not ids or not self._chunks_ready():
+            return {}
+        rows = self.conn.execute(
+            "SELECT c.id, f.id, left(f.text, %s) FROM kb_chunks c JOIN kb_chunks f ON f.id = ("
+            "SELECT g.id FROM kb_chunks g WHERE g.doc_id = c.doc_id AND coalesce(g.heading, '') = coalesce(c.heading, '') "
+            "ORDER BY g.ord LIMIT 1) WHERE c.id = ANY(%s)", [4 * LEAD_CHARS, list(ids)]).fetchall()
+        return {r[0]: section_lead(r[2]) for r in rows if r[0] != r[1] and r[2]}
 
     def vectors_by_embed_hash(self, hashes: list[str]) -> dict[str, np.ndarray]:
         if not hashes or not self._chunks_ready():

@@ -25,7 +25,8 @@ import numpy as np
 import sqlite_utils
 
 from kb.errors import DamagedIndex, Locked, ModelMismatch, NotIngested
-from kb.store import BM25_B, BM25_K1, Filters, StoredDocument, bm25_idf, chunk_terms, rarest_within
+from kb.store import (BM25_B, BM25_K1, LEAD_CHARS, Filters, StoredDocument, batches, bm25_idf, chunk_leads,
+                      chunk_terms, iter_leads, rarest_within, section_lead)
 from kb.text import fts_query, has_unspaced
 from kb.types import Chunk, Hit
 
@@ -139,6 +140,21 @@ def m005_dotted_numbers_in_full_text(db: sqlite_utils.Database) -> None:
     rows = db.execute("SELECT c.id, d.title, c.heading, c.text FROM chunks c JOIN documents d ON d.id = c.doc_id")
     db.conn.executemany("INSERT INTO chunks_fts (rowid, terms) VALUES (?, ?)",
                         ((i, chunk_terms(t, h, x)) for i, t, h, x in rows))
+
+
+_LEAD_ROWS = ("SELECT c.doc_id, c.heading, c.text, c.id, d.title FROM chunks c JOIN documents d ON d.id = c.doc_id "
+              "ORDER BY c.doc_id, c.ord")
+
+
+@migration
+def m006_section_leads_in_full_text(db: sqlite_utils.Database) -> None:
+    """A chunk that does not open its section is now indexed with the section's first sentence too
+    (kb.store.section_lead): re-derive the full-text rows of those chunks."""
+    changed = ((chunk_id, chunk_terms(title, heading, text, lead))
+               for (_, heading, text, chunk_id, title), lead in iter_leads(db.conn.execute(_LEAD_ROWS)) if lead)
+    for batch in batches(changed, 5000):
+        db.conn.executemany("DELETE FROM chunks_fts WHERE rowid = ?", [(i,) for i, _ in batch])
+        db.conn.executemany("INSERT INTO chunks_fts (rowid, terms) VALUES (?, ?)", batch)
 
 
 @contextmanager
@@ -572,7 +588,8 @@ class SQLiteStore:
             else:
                 doc_id = self.db["documents"].insert(record).last_pk
             new_ids = []
-            for chunk, vector, digest in zip(chunks, vectors, embed_hashes or [None] * len(chunks)):
+            leads = chunk_leads([(c.heading, c.text) for c in chunks])
+            for chunk, vector, digest, lead in zip(chunks, vectors, embed_hashes or [None] * len(chunks), leads):
                 cur = self.db.execute(
                     "INSERT INTO chunks (doc_id, ord, text, heading, page, n_tokens, vector, embed_hash) "
                     "VALUES (?,?,?,?,?,?,?,?)",
@@ -583,7 +600,7 @@ class SQLiteStore:
                 new_ids.append(chunk_id)
                 self.db.execute(
                     "INSERT INTO chunks_fts (rowid, terms) VALUES (?, ?)",
-                    [chunk_id, chunk_terms(title, chunk.heading, chunk.text)],
+                    [chunk_id, chunk_terms(title, chunk.heading, chunk.text, lead)],
                 )
             self._bump_generation()
         if cache_in_sync:
@@ -891,6 +908,16 @@ class SQLiteStore:
         ).fetchall()
         return {r[0]: np.frombuffer(r[1], dtype=np.float32) for r in rows if r[1]}
 
+    def section_leads(self, ids: list[int]) -> dict[int, str]:
+        """For each chunk id that does not open its section (same document, same heading): its section's lead."""
+        if not ids:
+            return {}
+        rows = self.db.execute(
+            "SELECT c.id, f.id, substr(f.text, 1, ?) FROM chunks c JOIN chunks f ON f.id = ("
+            "SELECT g.id FROM chunks g WHERE g.doc_id = c.doc_id AND coalesce(g.heading, '') = coalesce(c.heading, '') "
+            f"ORDER BY g.ord LIMIT 1) WHERE c.id IN ({','.join('?' * len(ids))})", [4 * LEAD_CHARS, *ids]).fetchall()
+        return {r[0]: section_lead(r[2]) for r in rows if r[0] != r[1] and r[2]}
+
     def vectors_by_embed_hash(self, hashes: list[str]) -> dict[str, np.ndarray]:
         """Stored vectors for the given embedding-input hashes (those the index holds)."""
         out: dict[str, np.ndarray] = {}
@@ -910,10 +937,9 @@ class SQLiteStore:
         """Re-derive every chunk's full-text row from its text, title and heading."""
         with transaction(self.db):
             self.db.execute("DELETE FROM chunks_fts")
-            rows = self.db.execute(
-                "SELECT c.id, d.title, c.heading, c.text FROM chunks c JOIN documents d ON d.id = c.doc_id").fetchall()
             self.db.conn.executemany("INSERT INTO chunks_fts (rowid, terms) VALUES (?, ?)",
-                                     [(i, chunk_terms(t, h, x)) for i, t, h, x in rows])
+                                     [(i, chunk_terms(t, h, x, lead))
+                                      for (_, h, x, i, t), lead in iter_leads(self.db.execute(_LEAD_ROWS))])
             self._bump_generation()
 
     def cached_vectors_generation(self) -> int | None:
