@@ -740,8 +740,8 @@ def assess(q: QuestionTerms, passages: Sequence[Passage]) -> Assessment:
 # calibrated by benchmarks/calibrate_refusal.py: the bias puts 0.5 where about 96% of answerable questions
 # pass on the calibration sets. Regenerate them with that script rather than editing by hand.
 ANSWERABILITY = {
-    "spaced": ({"evidence": 2.464, "window_coverage": 1.494, "passage_coverage": 1.563, "passage_similarity": 0.99}, -3.054),
-    "unspaced": ({"evidence": 2.299, "window_coverage": 1.83, "passage_coverage": 1.947}, -1.968),
+    "spaced": ({"evidence": 2.462, "window_coverage": 1.495, "passage_coverage": 1.565, "passage_similarity": 0.988}, -3.054),
+    "unspaced": ({"evidence": 2.297, "window_coverage": 1.833, "passage_coverage": 1.947}, -1.968),
 }
 
 

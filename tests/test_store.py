@@ -313,6 +313,15 @@ def test_a_postgres_database_made_by_the_previous_version_reindexes_dotted_numbe
         kb.close()
 
 
+def test_a_section_lead_is_the_first_sentence_of_a_chinese_section_only():
+    from kb.store import LEAD_CHARS, chunk_leads, section_lead
+
+    assert section_lead("短叶水蜈蚣是莎草科水蜈蚣属的植物。多年生草本。") == "短叶水蜈蚣是莎草科水蜈蚣属的植物。"
+    assert len(section_lead("很长" * 200 + "。")) == LEAD_CHARS
+    assert section_lead("Rust 1.0.0-alpha ships on Jan 9, 2015. It is a pre-release.") == ""  # English names its subject
+    assert chunk_leads([("", "甲是乙。"), ("", "丙。"), ("二", "丁是戊。"), ("", "己。")]) == ["", "甲是乙。", "", "甲是乙。"]
+
+
 def test_a_sqlite_home_made_before_section_leads_reindexes_its_later_chunks(make_kb, home, tmp_path):
     """Migration m006 re-derives the full-text rows of chunks written without their section's lead."""
     from kb.store import chunk_terms
@@ -331,6 +340,8 @@ def test_a_sqlite_home_made_before_section_leads_reindexes_its_later_chunks(make
         store.db.execute("DELETE FROM _migrations WHERE name = 'm006_section_leads_in_full_text'")
     store.close()
     kb = make_kb()
+    assert "发汗退热" in kb.search("短叶水蜈蚣有哪些功能？", k=1, mode="lexical")[0].text
+    kb._open_store().rebuild_full_text()  # what kb doctor --repair runs: the leads are derived there too
     assert "发汗退热" in kb.search("短叶水蜈蚣有哪些功能？", k=1, mode="lexical")[0].text
 
 

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from kb.text import lexical_document, lexical_terms
+from kb.text import lexical_document, lexical_terms, unspaced_ratio
 from kb.types import Chunk, Hit
 
 LEAD_CHARS = 80  # the longest section lead (see section_lead)
@@ -73,13 +73,17 @@ def chunk_term_list(title: str | None, heading: str | None, text: str, lead: str
 
 
 def section_lead(text: str) -> str:
-    """The first sentence of a section's first chunk, at most LEAD_CHARS: it names what the section is about,
-    which its later chunks leave unsaid ("功能发汗退热" in a section that opened "短叶水蜈蚣（学名：），别名
-    无头土香 ..."). Later chunks are indexed with it, and evidence reads their sentences as speaking of it."""
+    """The first sentence of a section's first chunk, at most LEAD_CHARS, where the section is written in
+    Chinese or Japanese; "" otherwise. Those languages drop a subject once it is named, so a section's later
+    chunks leave unsaid what it is about ("功能发汗退热" in a section that opened "短叶水蜈蚣（学名：），别名
+    无头土香 ..."); the later chunks are indexed with the lead, and evidence reads their sentences as speaking
+    of it. Spaced scripts keep naming their subject (or use a pronoun): there a lead only lifted chunks that
+    merely mention the subject (measured in docs/retrieval.md)."""
     from kb.evidence import split_sentences
 
     spans = split_sentences(text[:4 * LEAD_CHARS])
-    return text[:spans[0][1] if spans else 0][:LEAD_CHARS]
+    lead = text[:spans[0][1] if spans else 0][:LEAD_CHARS]
+    return lead if unspaced_ratio(lead) >= 0.5 else ""
 
 
 def chunk_leads(chunks: Sequence[tuple[str | None, str]]) -> list[str]:
