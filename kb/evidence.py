@@ -36,7 +36,7 @@ import bisect
 import math
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Callable, Sequence
 
 from kb.text import has_unspaced, is_unspaced, lexical_terms, unspaced_ratio
@@ -207,6 +207,14 @@ class _Tokens:
     keys: list[str]
     spans: list[tuple[int, int]]
 
+    @cached_property
+    def positions(self) -> dict[str, list[int]]:
+        """Where each key occurs, so that finding a term costs its occurrences, not a scan of the passage."""
+        out: dict[str, list[int]] = {}
+        for i, k in enumerate(self.keys):
+            out.setdefault(k, []).append(i)
+        return out
+
 
 @lru_cache(maxsize=1024)
 def tokenize(text: str) -> _Tokens:
@@ -236,9 +244,10 @@ def term_units(term: str) -> tuple[str, ...]:
 def _term_positions(tokens: _Tokens, units: tuple[str, ...]) -> list[int]:
     keys = tokens.keys
     n = len(units)
+    first = tokens.positions.get(units[0], [])
     if n == 1:
-        return [i for i, k in enumerate(keys) if k == units[0]]
-    return [i for i in range(len(keys) - n + 1) if tuple(keys[i:i + n]) == units]
+        return list(first)
+    return [i for i in first if i + n <= len(keys) and tuple(keys[i:i + n]) == units]
 
 
 # --- expected answer type -------------------------------------------------------------------------
@@ -720,10 +729,12 @@ def assess(q: QuestionTerms, passages: Sequence[Passage]) -> Assessment:
             scored.append(Evidence(
                 n=passage.n, text=text, start=s.start, end=s.end,
                 score=sum(WEIGHTS[name] * value for name, value in features.items()),
-                matches=_match_spans(text, s.found), typed=typed,
+                matches=_match_spans(tokenize(passage.text), s.found, s.start), typed=typed,
                 window_coverage=sum(q.weights[t] for t in window) / q.total if q.total else 0.0,
                 chunk_id=passage.chunk_id, index=i, last=i))
-    scored.sort(key=lambda e: e.score, reverse=True)
+    # sums over sets of terms differ in their last bits between processes (string hashing is randomized): equal
+    # scores are ranked by their place in the passages, so that the same question gets the same evidence
+    scored.sort(key=lambda e: (-round(e.score, 9), e.n, e.start))
     signals = {
         "evidence": scored[0].score if scored else 0.0,
         "window_coverage": max((e.window_coverage for e in scored), default=0.0),
@@ -751,15 +762,15 @@ def answerability(signals: dict[str, float], *, unspaced: bool) -> float:
     return 1.0 / (1.0 + math.exp(-z))
 
 
-def _match_spans(text: str, found: dict[str, list[int]]) -> list[tuple[int, int]]:
-    """Spans of the question's terms inside a sentence's text, merged where they touch."""
-    tokens = tokenize(text)
+def _match_spans(tokens: _Tokens, found: dict[str, list[int]], start: int) -> list[tuple[int, int]]:
+    """Spans of the question's terms inside a sentence that starts at `start` of the passage whose `tokens`
+    these are (`found`: term -> token positions, aliases included), relative to the sentence, merged where
+    they touch."""
     spans = []
-    for term in found:
-        for word in (term, *_SAME_WORD.get(term, ())):
-            units = term_units(word)
-            for p in _term_positions(tokens, units):
-                spans.append((tokens.spans[p][0], tokens.spans[p + len(units) - 1][1]))
+    for term, positions in found.items():
+        width = len(term_units(term))
+        for p in positions:
+            spans.append((tokens.spans[p][0] - start, tokens.spans[p + width - 1][1] - start))
     spans.sort()
     merged: list[tuple[int, int]] = []
     for a, b in spans:
