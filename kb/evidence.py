@@ -585,19 +585,16 @@ def _proximity(found: dict[str, list[int]]) -> float:
     return min(1.0, (need + 1) / (best + 1))
 
 
-def _context_terms(passage: Passage, q: QuestionTerms) -> set[str]:
-    context = f"{passage.title}\n{passage.heading}"
-    if not context.strip():
+def _terms_in(text: str, q: QuestionTerms) -> set[str]:
+    """The question terms that `text` holds."""
+    if not text.strip():
         return set()
-    tokens = tokenize(context)
+    tokens = tokenize(text)
     return {t for t in q.terms if _term_positions(tokens, term_units(t))}
 
 
-def _lead_terms(lead: str, q: QuestionTerms) -> set[str]:
-    """The question terms in the first sentence of `lead`."""
-    spans = split_sentences(lead)
-    tokens = tokenize(lead[:spans[0][1]] if spans else lead)
-    return {t for t in q.terms if _term_positions(tokens, term_units(t))}
+def _context_terms(passage: Passage, q: QuestionTerms) -> set[str]:
+    return _terms_in(f"{passage.title}\n{passage.heading}", q)
 
 
 def _phrases(question: str, terms: dict[str, float], texts: Sequence[str]) -> list[list[str]]:
@@ -654,7 +651,7 @@ def _inherit(passage: Passage, sentences: list[_Sentence], q: QuestionTerms) -> 
     """Set what each sentence speaks of without naming it: a sentence that opens with a pronoun, the terms of
     the sentence before (ANAPHORA); an unspaced one, the terms of its passage's first sentence, or of its
     section's lead when the passage starts further on (TOPIC)."""
-    topic: set[str] = _lead_terms(passage.lead, q) if passage.lead else set()
+    topic: set[str] = _terms_in(passage.lead, q)
     carried = set(topic)  # what the sentence before speaks of, through its own pronouns too
     for i, s in enumerate(sentences):
         own = set(s.found)

@@ -89,12 +89,15 @@ def section_lead(text: str) -> str:
 def chunk_leads(chunks: Sequence[tuple[str | None, str]]) -> list[str]:
     """For (heading, text) of a document's chunks in order: `section_lead` of each chunk's section (the first
     chunk under the same heading), "" for the chunk that opens it."""
-    first: dict[str, str] = {}
+    leads: dict[str, str] = {}  # heading -> its section's lead, found once per section
     out = []
     for heading, text in chunks:
         heading = heading or ""
-        out.append(section_lead(first[heading]) if heading in first else "")
-        first.setdefault(heading, text)
+        if heading in leads:
+            out.append(leads[heading])
+        else:
+            out.append("")
+            leads[heading] = section_lead(text)
     return out
 
 
