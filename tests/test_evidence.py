@@ -70,6 +70,19 @@ def test_answer_types_in_english_and_chinese():
     assert type_candidates("Today we announce the release of Quill 1.0.0.alpha.2!", "date", question) == []
 
 
+def test_chinese_numbers_are_numbers_not_words_that_hold_a_numeral():
+    def numbers(text, question="它有多长？"):
+        return [text[a:b] for a, b in type_candidates(text, "number", question)]
+
+    # 一 in "其中一个种", 半 in "半岛", 万 in "万物" name no quantity: the sentence holds no answer to "how long"
+    assert numbers("蓝线裸顶鲷，为鲈形目龙占鱼科的其中一个种。") == []
+    assert numbers("它一直分布在半岛南部，统一称为万物之一。") == []
+    assert numbers("体长可达80公分。") == ["8", "0"]
+    assert numbers("学校现有两个校区。") == ["两"]
+    assert numbers("容量为一百零一发，约一米高。") == ["一百零一", "一"]
+    assert numbers("这是全国第三大城市。") == ["第三"]
+
+
 def test_evidence_finds_the_date_line_with_offsets_into_the_passage():
     q = prepare_question("On what date will Quill 1.0.0-alpha be released?", flat_doc_freqs)
     passage = Passage(n=1, text=RELEASES, title="Quill 1.0: scheduling the trains")
