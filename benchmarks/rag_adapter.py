@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from report import print_sections, run_child  # noqa: E402  (benchmarks/report.py, beside this script)
 
-from kb.dataset import read_questions, split_of  # noqa: E402
+from kb.dataset import LEAVE_OUT_SHARE, read_questions, split_of  # noqa: E402
 from kb.evaluate import HELD_OUT_SHARE, _open_eval_kb, eval_answers, held_out, load_eval_set  # noqa: E402
 
 QA = ROOT.parent / "shared" / "data" / "qa"
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--leave-out", type=float, default=0.2)
+    parser.add_argument("--leave-out", type=float, default=LEAVE_OUT_SHARE)
     parser.add_argument("--limit", type=int, default=150, help="answerable (and unanswerable) test questions")
     parser.add_argument("--split-by", choices=["question", "document"], default="document")
     parser.add_argument("--sets", default="xquad.en,cmrc2018_trial")

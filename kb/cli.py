@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from kb.dataset import LEAVE_OUT_SHARE
 from kb.errors import KBError
 from kb.options import ANSWER, EMBEDDING, INGEST, MODEL, RETRIEVAL, STORE, filter_options, settings_options
 
@@ -554,7 +555,7 @@ def dataset():
 @click.option("--split", type=click.Choice(["train", "test", "all"]), default="train", show_default=True,
               help="With --questions: which part of the deterministic split to use (keep test for kb eval answers --split test).")
 @click.option("--split-by", type=click.Choice(["question", "document"]), default="question", show_default=True)
-@click.option("--leave-out", type=float, default=0.2, show_default=True,
+@click.option("--leave-out", type=float, default=LEAVE_OUT_SHARE, show_default=True,
               help="With --kind rag: share of examples whose answering passage is left out (target: kb's refusal).")
 @click.option("--limit", type=int, help="Only the first N chunks (or questions).")
 @translate_errors
