@@ -286,7 +286,7 @@ _DATE_ZH = re.compile(r"[0-9０-９〇零一二三四五六七八九十百千]+\
                       r"(?:公元|世纪|年代|朝|时期|年间|初期|末期|中期|星期[一二三四五六日天]|周[一二三四五六日])|[0-9]{3,4}")
 _NUMBER_EN = re.compile(r"\d|\b(?:" + "|".join(_NUMBER_WORDS) + r")\b|%", re.I)
 # A Chinese numeral counts when it is a number, not a word that holds one: "两支球队", "二十", "第三", "一米"
-# but not 一 in "其中一种", "一直", "统一", "之一", nor 半 in "半岛", nor 万, 千 or 百 alone ("万物", "千年").
+# but not 一 in "其中一种", "一直", "统一", "之一", nor 半 in "半岛", nor 万 or 百 alone ("万物", "百姓").
 _NUMBER_ZH = re.compile(
     r"[0-9０-９]|%|％|第[〇零一二两三四五六七八九十百千]|[〇零一二两三四五六七八九十百千万亿半]{2,}"
     r"|[二两三四五六七八九十]"
