@@ -546,7 +546,8 @@ def _sentences(passage: Passage, q: QuestionTerms) -> tuple[list[_Sentence], set
     return out, {t for t, pos in positions.items() if pos}
 
 
-# Words that say the same thing, each counting as the question's: the ways Chinese introduces another name
+# Words that say the same thing, each counting as the question's: the ways Chinese introduces another name.
+# All are two characters: `_match_spans` takes a match's width from the question's term, not the alias found.
 _ALIASES = ("别名", "别称", "又名", "又称", "亦称", "也称", "俗称", "亦名", "又叫", "也叫", "通称", "旧称")
 _SAME_WORD = {w: [o for o in _ALIASES if o != w] for w in _ALIASES}
 

@@ -473,6 +473,8 @@ def test_a_question_about_another_name_finds_the_sentence_that_gives_it(monkeypa
     assert any(best.text[a:b] == "又名" for a, b in best.matches)
     import kb.evidence
 
+    # a highlighted alias is as wide as the question's term (see _match_spans): every alias is two characters
+    assert {len(kb.evidence.term_units(a)) for a in kb.evidence._ALIASES} == {2}
     monkeypatch.setattr(kb.evidence, "_SAME_WORD", {})
     assert select_evidence(assess(q, [other, right]).scored, 1)[0].n == 1
 
