@@ -80,13 +80,14 @@ def cold_extractive(runs: int, home: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("files", nargs="*", default=[str(p) for p in DEFAULT_SETS])
-    parser.add_argument("--runs", type=int, default=10, help="cold extractive asks")
+    parser.add_argument("--runs", type=int, default=10, help="cold extractive asks (0: none)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "kb-bench-evidence"))
     args = parser.parse_args()
     cache = Path(args.cache)
     result = {Path(f).stem: evidence_quality(Path(f), cache) for f in args.files}
-    with tempfile.TemporaryDirectory(prefix="kb-bench-") as tmp:
-        result["cold_extractive_ask"] = cold_extractive(args.runs, Path(tmp))
+    if args.runs > 0:  # --runs 0: quality and warm cost only
+        with tempfile.TemporaryDirectory(prefix="kb-bench-") as tmp:
+            result["cold_extractive_ask"] = cold_extractive(args.runs, Path(tmp))
     print_sections(result)
 
 

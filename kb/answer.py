@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 from kb.evidence import (STOP_WORDS, Evidence, answer_type, join_adjacent, question_terms, term_units, tokenize,
                          type_candidates)
 from kb.generator import Generator
-from kb.text import unspaced_ratio
+from kb.text import flatten, unspaced_ratio
 from kb.types import Hit
 
 REFUSAL_EN = "The documents do not contain an answer to this question."
@@ -101,7 +101,7 @@ def refusal_text(question: str) -> str:
 
 def evidence_block(evidence: list[Evidence]) -> str:
     """The evidence as the prompt shows it, before the passages: one quoted line each, with its source number."""
-    return "\n".join(f"[{e.n}] \"{' '.join(e.text.split())}\"" for e in evidence)
+    return "\n".join(f"[{e.n}] \"{flatten(e.text)}\"" for e in evidence)
 
 
 _MARKUP = re.compile(r"^\s*(?:[-*+•]\s+|#{1,6}\s+|>\s*)|\*\*|__|`")
@@ -124,16 +124,16 @@ def extractive_text(evidence: list[Evidence]) -> str:
     parts = []
     for e in chosen:
         lines = [_MARKUP.sub("", line).strip() for line in e.text.splitlines()]
-        text = " ".join(line for line in lines if line)
+        text = flatten("\n".join(line for line in lines if line))
         if unspaced_ratio(text) >= 0.5:
             text = re.sub(r"(?<=[\u3000-\u9fff\uff00-\uffef])\s+(?=[\u3000-\u9fff\uff00-\uffef])", "", text)
         parts.append((text, e.n))
-    joiner = "" if unspaced_ratio(parts[0][0]) >= 0.5 else " "
     if len(parts) == 1:
         return f"{parts[0][0]} [{parts[0][1]}]"
     (first, n), (second, m) = parts
-    if n != m:
-        return f"{first} [{n}]{joiner}{second} [{m}]"
+    if n != m:  # two sources: each quote with its citation, a space between (Chinese too: "。[1]9." misreads)
+        return f"{first} [{n}] {second} [{m}]"
+    joiner = "" if unspaced_ratio(first) >= 0.5 else " "
     if chosen[1].start - chosen[0].end > 2:  # text left out between them
         joiner = "…" if not joiner else " … "
     return f"{first}{joiner}{second} [{n}]"

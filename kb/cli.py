@@ -15,6 +15,7 @@ import click
 from kb.dataset import LEAVE_OUT_SHARE
 from kb.errors import KBError
 from kb.options import ANSWER, EMBEDDING, INGEST, MODEL, RETRIEVAL, STORE, filter_options, settings_options
+from kb.text import flatten
 
 HOME_OPTION = click.option(
     "--kb", "home", envvar="KB_HOME", type=click.Path(file_okay=False),
@@ -230,7 +231,7 @@ def search(query, home, settings, filters, as_json):
         where = hit_location(hit)
         click.secho(f"[{n}] {hit.score:.3f}  {hit.title}" + (f" — {where}" if where else ""), bold=True)
         click.secho(f"    {hit.path}", fg="cyan")
-        text = " ".join(hit.text.split())
+        text = flatten(hit.text)
         click.echo("    " + (text[:400] + ("…" if len(text) > 400 else "")))
 
 
@@ -252,7 +253,7 @@ def highlighted(text: str, matches) -> str:
         out.append(click.style(text[a:b], fg="yellow", bold=True))
         last = b
     out.append(text[last:])
-    return " ".join("".join(out).split())
+    return flatten("".join(out))
 
 
 def print_evidence(answer, *, heading: str) -> None:
@@ -395,7 +396,7 @@ def log_command(home, settings, limit, as_json):
         mark = " (refused)" if e["refused"] else ""
         click.secho(f"#{e['id']} {when} {e['model'] or '-'}{mark}  {e['timings'].get('total_ms', 0) / 1000:.1f} s", bold=True)
         click.echo(f"  Q: {e['question']}")
-        answer = " ".join(e["answer"].split())
+        answer = flatten(e["answer"])
         click.echo(f"  A: {answer[:300]}{'…' if len(answer) > 300 else ''}")
         cited = [s for s in e["sources"] if s.get("cited")] or ([] if e["refused"] else e["sources"])
         for s in cited:

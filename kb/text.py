@@ -13,7 +13,15 @@ _LETTER = re.compile(r"[^\W_]")
 # keeps it: split into 1 / 0 / 0 it would be three of the commonest terms of a corpus and match nothing. A word
 # glued to one ("v1.2.3", "python3.8") gives the word and the number, so that "1.2.3" finds "v1.2.3".
 _VERSION = "[0-9]+(?:\\.[0-9]+)+"
-_TOKEN = re.compile(f"[{_UNSPACED}]+|{_VERSION}|[^\\W_{_UNSPACED}]+?(?={_VERSION})|[^\\W_{_UNSPACED}]+", re.UNICODE)
+# A run of unspaced characters goes on across a line break: a PDF or a hard-wrapped file breaks Chinese lines
+# anywhere, inside a word too ("映射关\n系"), and the bigram across the break is a word of the text.
+_TOKEN = re.compile(f"[{_UNSPACED}]+(?:[^\\S\\n]*\\n\\s*[{_UNSPACED}]+)*|{_VERSION}|[^\\W_{_UNSPACED}]+?(?={_VERSION})|"
+                    f"[^\\W_{_UNSPACED}]+", re.UNICODE)
+_WHITESPACE = re.compile(r"\s+")
+# CJK letters and punctuation (full-width forms, 。，、「」) on both sides of a line break that wraps a line
+_CJK_SIDE = f"[{_UNSPACED}\u3000-\u303f\uff00-\uffef]"
+_ANSI = "(?:\x1b\\[[0-9;]*m)*"
+_CJK_WRAP = f"({_CJK_SIDE}{_ANSI})[^\\S\\n]*\\n\\s*(?={_ANSI}{_CJK_SIDE})"  # compiled on first use (start-up time)
 
 
 def is_unspaced(ch: str) -> bool:
@@ -45,7 +53,8 @@ def lexical_terms(text: str, *, unigrams: bool = True) -> list[str]:
     terms: list[str] = []
     for match in _TOKEN.finditer(text.lower()):
         run = match.group()
-        if _UNSPACED_RUN.fullmatch(run):
+        if _UNSPACED_RUN.match(run):
+            run = _WHITESPACE.sub("", run)
             if len(run) == 1:
                 terms.append(run)
             else:
@@ -55,6 +64,13 @@ def lexical_terms(text: str, *, unigrams: bool = True) -> list[str]:
         else:
             terms.append(run)
     return terms
+
+
+def flatten(text: str) -> str:
+    """`text` on one line for display: a line break between two CJK characters (a wrapped line of a PDF) is
+    dropped, as Chinese puts no space between words; other runs of whitespace become one space. Terminal
+    colour codes between the characters are allowed for."""
+    return " ".join(re.sub(_CJK_WRAP, r"\1", text).split())
 
 
 def lcs_length(a: list[str], b: list[str]) -> int:

@@ -48,6 +48,17 @@ def test_chinese_without_spaces_is_cut_within_limit_at_sentence_ends(tok):
     assert chunks[0].chunk.text.endswith("。")
 
 
+def test_overlap_does_not_start_inside_a_wrapped_chinese_word(tok):
+    """The next passage repeats the end of the last one from a word boundary, and a line break inside Chinese
+    text (a PDF's wrapped line, "【强\n制】") is none: starting there quoted "制】线程资源..."."""
+    rule = "【强\n制】线程资源必须通过线程池提供，不允许在应用中自行显\n式创建线程。"
+    text = "".join(f"{i}.{rule}" for i in range(1, 40))
+    pieces = [t for t, _ in split_text(text, tok, 80, 24)]
+    assert len(pieces) > 5
+    for piece in pieces[1:]:
+        assert not piece.startswith(("制】", "式创建")), piece[:10]
+
+
 def test_single_huge_line_without_punctuation(tok):
     text = "x" + "abc def " * 100_000
     pieces = split_text(text, tok, 254, 0)

@@ -104,6 +104,36 @@ def test_evidence_prefers_the_sentence_with_the_asked_aspect():
     assert best.text.startswith("Its body is about 65")
 
 
+def test_irregular_past_forms_meet_their_base():
+    from kb.evidence import stem
+
+    assert stem("became") == stem("become") == stem("becoming")
+    assert stem("won") == stem("win") and stem("written") == stem("writes") and stem("children") == stem("child")
+    assert stem("found") != stem("find")  # "founded" is its own verb
+    q = prepare_question("When did the colony become a dominion?", flat_doc_freqs)
+    text = "The colony was becoming crowded. In 1907 the colony became a dominion of the Crown."
+    assert select_evidence(assess(q, [Passage(n=1, text=text)]).scored, 1)[0].text.startswith("In 1907")
+
+
+def test_reference_list_entries_are_weak_evidence(monkeypatch):
+    """A reference list repeats the topic's words in its titles and states nothing: the sentence that answers
+    wins over it, in a References section or as a Wikipedia "^" citation line anywhere."""
+    import kb.evidence
+
+    q = prepare_question("When did New Zealand become a dominion?", flat_doc_freqs)
+    answer = Passage(n=1, text="The king proclaimed the islands a dominion in 1907.", heading="New Zealand > History")
+    for heading, line in (("New Zealand > References", "How New Zealand became a dominion. Wellington: Ministry of Culture."),
+                          ("New Zealand", '^ "How New Zealand became a dominion". Ministry of Culture.')):
+        reference = Passage(n=2, text=line, heading=heading)
+        best = select_evidence(assess(q, [reference, answer]).scored, 1)[0]
+        assert best.n == 1, heading
+        with monkeypatch.context() as m:
+            m.setitem(kb.evidence.WEIGHTS, "reference", 0.0)
+            assert select_evidence(assess(q, [reference, answer]).scored, 1)[0].n == 2  # what the rule prevents
+    notes = Passage(n=2, text="How New Zealand became a dominion is told here.", heading="Story > Notes")
+    assert select_evidence(assess(q, [notes, answer]).scored, 1)[0].n == 2  # an author's notes are text
+
+
 def test_unanswerable_with_related_documents_scores_lower():
     related = Passage(n=1, text="The Broncos defeated the Panthers 24-10 in Super Bowl 50. Peyton Manning was the "
                                 "Broncos quarterback. The game was played at Levi's Stadium.")
@@ -428,7 +458,7 @@ def test_an_extractive_answer_quotes_the_runner_up_only_when_it_scores_almost_as
     best = Evidence(n=1, text="体呈淡蓝红色。", start=0, end=7, score=1.0)
     close = Evidence(n=2, text="尾鳍外缘金黄色。", start=0, end=8, score=SECOND_QUOTE)
     far = Evidence(n=2, text="尾鳍外缘金黄色。", start=0, end=8, score=SECOND_QUOTE - 0.01)
-    assert extractive_text([best, close]) == "体呈淡蓝红色。 [1]尾鳍外缘金黄色。 [2]"
+    assert extractive_text([best, close]) == "体呈淡蓝红色。 [1] 尾鳍外缘金黄色。 [2]"
     assert extractive_text([best, far]) == "体呈淡蓝红色。 [1]"
     english = [Evidence(n=1, text="- It eats **ants**.", start=0, end=19, score=0.9),
                Evidence(n=3, text="It eats termites.", start=0, end=17, score=0.8)]

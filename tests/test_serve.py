@@ -403,6 +403,10 @@ def test_the_page_asks_streams_and_uploads(served, browser, tmp_path):
         sources = browser.find_element(By.CSS_SELECTOR, "[data-testid=sources]").text
         assert "Alpha notes" in sources
         assert browser.find_elements(By.CSS_SELECTOR, "[data-testid=evidence] mark")
+        # a PDF's line break inside Chinese text is no space; the highlight offsets still fit the source text
+        span = browser.execute_script("const s = highlight('映射关\\n系。 the\\nend', [[2, 5]]);"
+                                      "return [s.textContent, s.querySelector('mark').textContent];")
+        assert span == ["映射关系。 the\nend", "关系"]
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#conversations li"))
         browser.find_element(By.ID, "files").send_keys(str(note))
         wait.until(lambda d: "Added: 1" in d.find_element(By.ID, "upload-status").text)

@@ -109,6 +109,24 @@ def test_chinese_lexical_search(backend, tmp_path):
     assert kb.search("绿茶 水温", k=1)[0].path.endswith("tea.md")
 
 
+def test_a_chinese_word_wrapped_across_lines_is_still_a_term(backend, tmp_path):
+    """A PDF breaks Chinese lines anywhere, inside a word too ("喜光植\n物"): the word is still found."""
+    from kb.text import flatten, lexical_terms
+
+    assert "植物" in lexical_terms("番茄是喜光植\n物，") and "植物" not in lexical_terms("植树。物价")
+    assert flatten("喜光植\n物，需要 阳光。 It\nwraps") == "喜光植物，需要 阳光。 It wraps"
+    _, make = backend
+    docs = tmp_path / "wrapped"
+    docs.mkdir()
+    (docs / "tomato.md").write_text("# 番茄笔记\n\n番茄是喜光植\n物，每天需要六到八个小时的阳光，夏天要多浇水。\n", encoding="utf-8")
+    (docs / "other.md").write_text("# 三月\n\n植树。物价。\n", encoding="utf-8")  # 植 and 物, never 植物
+    for i, text in enumerate(("绿茶适合用八十度左右的水冲泡。", "猫喜欢在窗台上晒太阳。", "地铁早上八点最拥挤。")):
+        (docs / f"filler{i}.md").write_text(f"# 笔记{i}\n\n{text}\n", encoding="utf-8")
+    kb = make()
+    kb.ingest([docs])
+    assert kb.search("植物", k=1, mode="lexical")[0].path.endswith("tomato.md")
+
+
 def test_a_version_number_is_one_lexical_term(backend, tmp_path):
     """"1.0.0" matches the document that says 1.0.0 (also glued: v1.0.0), not every one with a 1 and a 0."""
     _, make = backend

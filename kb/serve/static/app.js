@@ -57,14 +57,28 @@ async function api(path, options = {}) {
 
 // --- answers ----------------------------------------------------------------------------------------
 
+// A line break between two CJK characters wraps a line of a PDF: dropped, as Chinese puts no space between words
+// (the offsets of `matches` stay those of `text`).
+const CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef";
+const CJK_WRAP = new RegExp(`([${CJK}])[^\\S\\n]*\\n\\s*(?=[${CJK}])`, "g");
+
 function highlight(text, matches) {
+  const drop = new Set();
+  for (const m of text.matchAll(CJK_WRAP)) {
+    for (let i = m.index + 1; i < m.index + m[0].length; i++) drop.add(i);
+  }
+  const piece = (a, b) => {
+    let s = "";
+    for (let i = a; i < b; i++) if (!drop.has(i)) s += text[i];
+    return s;
+  };
   const out = el("span");
   let last = 0;
   for (const [a, b] of matches || []) {
-    out.append(text.slice(last, a), el("mark", {}, text.slice(a, b)));
+    out.append(piece(last, a), el("mark", {}, piece(a, b)));
     last = b;
   }
-  out.append(text.slice(last));
+  out.append(piece(last, text.length));
   return out;
 }
 
