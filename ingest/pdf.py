@@ -2,7 +2,7 @@
 
 Chosen by measurement over unstructured's fast strategy (docs/pdf.md): pdfium reads every shared PDF, many
 times faster, with as much of the text. For each page: the text in pdfium's reading order; headings found
-from font size (a short line set clearly larger than the page body's text); words broken across lines with a
+from the size text is drawn at (a short line set clearly larger than the page body's text); words broken across lines with a
 hyphen rejoined; lines repeated at the top or bottom of most pages (running headers, footers, page numbers)
 dropped. A page with no text layer (a scan) is rendered, one page at a time, and read by OCR (rapidocr's
 Chinese and English PP-OCR models, on onnxruntime); a page OCR cannot read either is reported.
@@ -80,24 +80,55 @@ def parse_pdf(path: Path, *, ocr: bool = True, on_page=None) -> ParsedDocument:
 
 
 def _page_lines(page) -> list[tuple[str, float]]:
-    """(line, font size of its first character) in pdfium's reading order."""
+    """(line, the size its characters are drawn at; 0 where pdfium cannot tell) in pdfium's reading order."""
     import pypdfium2.raw as raw
 
     textpage = page.get_textpage()
     try:
-        # pdfium joins a word hyphenated across lines itself and marks the join with U+FFFE
-        text = textpage.get_text_range().replace("\ufffe", "")
+        # pdfium joins a word hyphenated across lines itself and marks the join with U+FFFE (removed from each
+        # line, not from the page text, whose positions are the characters' indices)
+        text = textpage.get_text_range()
         count = textpage.count_chars()
         lines = []
         for m in re.finditer(r"[^\r\n]+", text):
-            line = m.group()
-            stripped = line.strip()
+            stripped = m.group().replace("\ufffe", "").strip()
             if stripped:
-                first = m.start() + len(line) - len(line.lstrip())
-                lines.append((stripped, float(raw.FPDFText_GetFontSize(textpage, first)) if first < count else 0.0))
+                lines.append((stripped, _line_size(raw, textpage, m.start(), min(m.end(), count), text)))
         return lines
     finally:
         textpage.close()
+
+
+def _line_size(raw, textpage, start: int, end: int, text: str) -> float:
+    """The median drawn size of up to 5 characters spread over the line: the first alone may be a drop cap,
+    a bullet or a footnote mark."""
+    visible = [i for i in range(start, end) if not text[i].isspace()]
+    if not visible:
+        return 0.0
+    step = max(1, len(visible) // 5)
+    sizes = [size for i in visible[::step][:5] if (size := _drawn_size(raw, textpage, i)) > 0]
+    return statistics.median(sizes) if sizes else 0.0
+
+
+def _drawn_size(raw, textpage, i: int) -> float:
+    """The size a character is drawn at: its font size times the scale of its text matrix (a PDF may set the
+    font at size 1 and scale it by the matrix), or 0 (unknown) where pdfium gives the character no box (some
+    Type 3 and broken fonts report size 1 then: taken at face value, a paper's body text measured 1 and every
+    line of its abstract, at 9, became a heading)."""
+    import ctypes
+
+    box = raw.FS_RECTF()
+    if not raw.FPDFText_GetLooseCharBox(textpage, i, ctypes.byref(box)) or box.top - box.bottom <= 0:
+        return 0.0
+    size = float(raw.FPDFText_GetFontSize(textpage, i))
+    matrix = raw.FS_MATRIX()
+    if raw.FPDFText_GetMatrix(textpage, i, ctypes.byref(matrix)):
+        if abs(matrix.b) > abs(matrix.a):  # turned sideways: a margin stamp ("arXiv:2103.15348v2 [cs.CV]")
+            return 0.0
+        scale = abs(matrix.a * matrix.d - matrix.b * matrix.c) ** 0.5
+        if scale > 0:
+            size *= scale
+    return size
 
 
 def _title(doc) -> str | None:
@@ -149,20 +180,45 @@ def _sections(pages: list[list[tuple[str, float]]]) -> list[Section]:
                 unused.clear()
             buf.clear()
 
-        for text, size in kept:
-            if body and size >= body * HEADING_RATIO and len(text) <= MAX_HEADING_CHARS and not text.endswith((".", ",", ";")):
+        after_heading = 0.0  # the size of the heading line just read, 0 after text
+        for i, (text, size) in enumerate(kept):
+            large = body and size >= body * HEADING_RATIO
+            # the first line of a heading set over two may end mid-phrase ("Annual Report of the")
+            follows = i + 1 < len(kept) and abs(kept[i + 1][1] - size) < 0.5 and _could_be_heading(kept[i + 1][0])
+            if large and (_could_be_heading(text) or follows and _could_be_heading(text, run_on=True)):
+                if after_heading and abs(size - after_heading) < 0.5 and stack and unused \
+                        and len(stack[-1][1]) + len(text) < MAX_HEADING_CHARS:
+                    # a title set over two lines ("LayoutParser: A Unified Toolkit for Deep" / "Learning Based
+                    # Document Image Analysis") is one heading
+                    stack[-1] = (stack[-1][0], f"{stack[-1][1]} {text}")
+                    unused[-1] = stack[-1][1]
+                    continue
                 flush()
                 while stack and stack[-1][0] <= size:
                     stack.pop()
                 stack.append((size, text))
                 unused.append(text)
+                after_heading = size
                 continue
             buf.append(text)
+            after_heading = 0.0
         flush()
     if unused:  # large lines at the very end (a source line, a closing title): text, not headings of nothing
         sections.append(Section(text="\n".join(unused), headings=[h for _, h in stack[:-len(unused)]],
                                 page=len(pages)))
     return sections
+
+
+# a line set large that ends like this, or opens in lower case, is a phrase of a pull quote or a wrapped line
+# ("even greater societal value and"), not a heading
+_RUN_ON = re.compile(r"(?:[.,;]|\b(?:and|or|of|the|a|an|to|in|on|for|with|by|from|as|at|that|is|are)\s*)$", re.I)
+
+
+def _could_be_heading(text: str, *, run_on: bool = False) -> bool:
+    if len(text) > MAX_HEADING_CHARS or not run_on and _RUN_ON.search(text) or text.endswith((".", ",", ";")):
+        return False
+    letters = [ch for ch in text if ch.isalpha()]
+    return len(letters) >= 2 and not letters[0].islower()  # not a figure alone ("2,32,822")
 
 
 _OCR = None

@@ -99,6 +99,10 @@ def test_every_shared_pdf_is_read_by_the_main_path(tmp_path):
             assert doc.stats["ocr_pages"] == 1 and "Base 128" in text and "64,058" in text
         elif pdf.name == "korean-text-with-tables.pdf":
             assert sum(1 for c in text if "\uac00" <= c <= "\ud7af") > 100
+        elif pdf.name == "layout-parser-paper-fast.pdf":  # characters with no size (body "1", abstract 9)
+            headings = {h for s in doc.sections for h in s.headings}
+            assert "LayoutParser: A Unified Toolkit for Deep Learning Based Document Image Analysis" in headings
+            assert not any("extensibility" in h or "arXiv" in h for h in headings), headings
         elif pdf.name == "java-dev-manual-zh.pdf":
             assert "编程规约" in text and doc.stats["ocr_pages"] <= max(1, doc.stats["pages"] // 20)
             assert any(s.headings for s in doc.sections)  # headings found from font size
@@ -119,6 +123,46 @@ def test_running_headers_and_page_numbers_are_dropped_and_hyphens_rejoined(tmp_p
     assert "international" in text and "inter-" not in text
     assert any("Results" in h for s in doc.sections for h in s.headings)
     assert [s.page for s in doc.sections][0] == 1
+
+
+def test_headings_come_from_the_size_text_is_drawn_at(tmp_path):
+    """Fonts set at size 1 and scaled by the text matrix (common in generated PDFs): the drawn size decides. A
+    title over two lines is one heading; a sideways margin stamp, a large pull quote in lower case and a
+    figure alone are not headings."""
+    pdf = tmp_path / "scaled.pdf"
+    _scaled_pdf(pdf)
+    doc = parse_pdf(pdf)
+    headings = [s.headings for s in doc.sections]
+    assert ["Annual Report of the Harbour Board", "Dredging"] in headings, headings
+    flat = {h for hs in headings for h in hs}
+    assert not flat & {"arXiv:2101.00001v1 [cs.CL]", "and a greener harbour for all", "2,32,822"}, flat
+    text = "\n".join(s.text for s in doc.sections)
+    assert "The channel was dredged to 14 metres" in text and "and a greener harbour for all" in text
+
+
+def _scaled_pdf(path: Path) -> None:
+    import pypdfium2 as pdfium
+    import pypdfium2.raw as raw
+
+    doc = pdfium.PdfDocument.new()
+    page = doc.new_page(612, 792)
+    lines = [("Annual Report of the", (24, 0, 0, 24, 72, 720)), ("Harbour Board", (24, 0, 0, 24, 72, 692)),
+             ("arXiv:2101.00001v1 [cs.CL]", (0, 20, -20, 0, 30, 300)),
+             ("Dredging", (16, 0, 0, 16, 72, 640)),
+             ("The channel was dredged to 14 metres this year,", (11, 0, 0, 11, 72, 610)),
+             ("which lets larger ships berth at the quay.", (11, 0, 0, 11, 72, 596)),
+             ("and a greener harbour for all", (20, 0, 0, 20, 72, 560)),
+             ("2,32,822", (20, 0, 0, 20, 72, 530)),
+             ("Tonnage handled rose for the third year running.", (11, 0, 0, 11, 72, 500))]
+    buffers = []
+    for text, matrix in lines:
+        obj = raw.FPDFPageObj_NewTextObj(doc.raw, b"Helvetica", 1)
+        buffers.append(_wide(text))
+        raw.FPDFText_SetText(obj, ctypes.cast(buffers[-1], ctypes.POINTER(ctypes.c_ushort)))
+        raw.FPDFPageObj_Transform(obj, *matrix)
+        raw.FPDFPage_InsertObject(page.raw, obj)
+    raw.FPDFPage_GenerateContent(page.raw)
+    doc.save(str(path))
 
 
 def _three_page_pdf(path: Path) -> None:
