@@ -15,8 +15,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
-from kb.evidence import (STOP_WORDS, Evidence, answer_type, join_adjacent, question_terms, term_units, tokenize,
-                         type_candidates)
+from kb.evidence import (STOP_WORDS, Evidence, answer_type, join_adjacent, opens_mid_sentence, question_terms,
+                         term_units, tokenize, type_candidates)
 from kb.generator import Generator
 from kb.text import flatten, unspaced_ratio
 from kb.types import Hit
@@ -125,6 +125,8 @@ def extractive_text(evidence: list[Evidence]) -> str:
     for e in chosen:
         lines = [_MARKUP.sub("", line).strip() for line in e.text.splitlines()]
         text = flatten("\n".join(line for line in lines if line))
+        if opens_mid_sentence(e):
+            text = "…" + text
         if unspaced_ratio(text) >= 0.5:
             text = re.sub(r"(?<=[\u3000-\u9fff\uff00-\uffef])\s+(?=[\u3000-\u9fff\uff00-\uffef])", "", text)
         parts.append((text, e.n))

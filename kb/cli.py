@@ -206,7 +206,7 @@ def forget(path, home, settings, wait):
 
 
 def hit_location(hit) -> str:
-    where = hit.heading or ""
+    where = " ".join((hit.heading or "").split())  # a Word heading may hold a tab ("D.\tEVALUATION")
     if hit.page:
         where = f"p. {hit.page}" + (f", {where}" if where else "")
     return where
@@ -257,6 +257,8 @@ def highlighted(text: str, matches) -> str:
 
 
 def print_evidence(answer, *, heading: str) -> None:
+    from kb.evidence import opens_mid_sentence
+
     quotes = answer.quotes()
     if not quotes:
         return
@@ -264,7 +266,8 @@ def print_evidence(answer, *, heading: str) -> None:
     by_n = {s.n: s for s in answer.sources}
     for quote in quotes:
         source = by_n.get(quote.n)
-        click.echo(f"  [{quote.n}] “{highlighted(quote.text, quote.matches)}”")
+        lead = "…" if opens_mid_sentence(quote) else ""  # the passage begins inside a sentence
+        click.echo(f"  [{quote.n}] “{lead}{highlighted(quote.text, quote.matches)}”")
         if source is not None:
             where = hit_location(source)
             click.secho(f"      {source.path}" + (f" — {where}" if where else ""), fg="cyan")

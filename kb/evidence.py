@@ -49,8 +49,10 @@ jan feb mar apr jun jul aug sep sept oct nov dec gen col lt sgt capt rev gov sen
 """.split())
 _CLOSERS = "\"'’”)]}»」』）】"
 _CLOSER_CLASS = "[" + re.escape(_CLOSERS) + "]"
-_WEST_END = re.compile(rf"[.!?]+{_CLOSER_CLASS}*(?=\s)")
-_CJK_END = re.compile(rf"(?:[。！？!?]|…+|\.{{3,}}){_CLOSER_CLASS}*")
+# a web page's footnote marks stay with the sentence they close: "...casual.[319][320] However" (Wikipedia)
+_MARKS = r"(?:\[(?:\d{1,4}|[a-z]|n \d{1,3}|note \d{1,3}|citation needed)\])*"
+_WEST_END = re.compile(rf"[.!?]+{_CLOSER_CLASS}*{_MARKS}(?=\s)")
+_CJK_END = re.compile(rf"(?:[。！？!?]|…+|\.{{3,}}){_CLOSER_CLASS}*{_MARKS}")
 _LIST_START = re.compile(r"^\s*(?:[-*+•·▪◦‣]\s|\d{1,3}[.)、]\s?|[a-zA-Z][.)]\s|\(\d{1,3}\)\s?|[（(][一二三四五六七八九十]+[)）])")
 _TABLE_ROW = re.compile(r"^\s*\|.*\|\s*$|\t.*\t|(?:\S+ {3,}){2,}\S")
 _KEY_VALUE = re.compile(r"^\s*[^\n]{1,60}?\s(?:--|—|–|=>|->)\s\S|^\s*[^\s:：]{1,30}[:：]\s?\S")
@@ -104,7 +106,8 @@ def _sentence_ends(text: str, start: int, end: int) -> list[int]:
         after = text[m.end():m.end() + 3].lstrip()
         if not after:
             continue
-        if m.group()[0] == "." and len(m.group().rstrip(_CLOSERS)) == 1 and _is_abbreviation(text, m.start() + 1):
+        if m.group()[0] == "." and len(m.group().split("[")[0].rstrip(_CLOSERS)) == 1 \
+                and _is_abbreviation(text, m.start() + 1):
             continue
         if after[0].islower() and m.group()[0] == ".":  # "e.g. the", "approx. ten": not a sentence end
             continue
@@ -824,6 +827,15 @@ def _match_spans(tokens: _Tokens, found: dict[str, list[int]], start: int) -> li
 
 
 # --- selection ------------------------------------------------------------------------------------
+
+
+def opens_mid_sentence(e: Evidence) -> bool:
+    """Whether a quote is the start of its passage and opens in lower case: neighbouring passages overlap, so
+    a passage may begin inside a sentence, and the reader is shown "…" before it."""
+    if e.start != 0:
+        return False
+    first = next((ch for ch in e.text if ch.isalpha()), "")
+    return first.islower()
 
 
 def select_evidence(scored: list[Evidence], top: int = 3,

@@ -50,6 +50,15 @@ def test_sentences_chinese_tables_and_giant_runs():
     assert split_sentences("") == [] and split_sentences("  \n\n ") == []
 
 
+def test_footnote_marks_stay_with_the_sentence_they_close():
+    """A saved Wikipedia page keeps its footnote marks: "casual.[319][320] However" is two sentences."""
+    text = ("Standards have since relaxed and fashion is casual.[319][320] However, the industry grew after "
+            "2000.[320] It was cited.[citation needed] See e.g. here. 中国是一个国家。[1]首都是北京。[2]")
+    assert sentences(text) == ["Standards have since relaxed and fashion is casual.[319][320]",
+                               "However, the industry grew after 2000.[320]", "It was cited.[citation needed]",
+                               "See e.g. here.", "中国是一个国家。[1]", "首都是北京。[2]"]
+
+
 def test_answer_types_in_english_and_chinese():
     assert answer_type("On what date will Quill 1.0.0-alpha be released?") == "date"
     assert answer_type("How many points did the Panthers surrender?") == "number"
@@ -471,6 +480,11 @@ def test_an_extractive_answer_quotes_the_runner_up_only_when_it_scores_almost_as
     earlier = Evidence(n=3, text="It lives in Asia.", start=0, end=17, score=0.9)
     assert extractive_text([later, earlier]) == "It lives in Asia. … It eats termites. [3]"
     assert extractive_text([]) == ""
+    # a passage that begins inside a sentence (neighbouring passages overlap) is shown with "…" before it
+    fragment = Evidence(n=2, text="paid days off that an employee can carry over.", start=0, end=46, score=1.0)
+    assert extractive_text([fragment]) == "…paid days off that an employee can carry over. [2]"
+    fragment.start = 10
+    assert extractive_text([fragment]) == "paid days off that an employee can carry over. [2]"
 
 
 def test_a_chinese_sentence_without_its_subject_speaks_of_the_passage_s_topic(monkeypatch):

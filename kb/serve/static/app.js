@@ -97,7 +97,9 @@ function renderEvidence(box, answer) {
     const list = el("ul", { class: "evidence", "data-testid": "evidence" });
     for (const e of answer.evidence) {
       const source = byN[e.n];
-      list.append(el("li", {}, el("span", {}, `[${e.n}] `), highlight(e.text, e.matches),
+      // a passage may begin inside a sentence (neighbours overlap): "…" says words come before it
+      const lead = e.start === 0 && /^[^\p{L}]*\p{Ll}/u.test(e.text) ? "…" : "";
+      list.append(el("li", {}, el("span", {}, `[${e.n}] ${lead}`), highlight(e.text, e.matches),
                      source ? el("div", { class: "where" }, whereText(source)) : ""));
     }
     box.append(list);
