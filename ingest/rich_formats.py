@@ -106,6 +106,9 @@ def html_depth(raw: bytes) -> int:
     return deepest
 
 
+MAIN_CONTENT = True  # False: parse the whole page (benchmarks/html_extract.py --raw)
+
+
 def parse_html(path: Path) -> ParsedDocument:
     raw = path.read_bytes()
     if not raw.strip():
@@ -119,7 +122,15 @@ def parse_html(path: Path) -> ParsedDocument:
     unstructured_ready()
     from unstructured.partition.html import partition_html
 
-    elements = partition_html(filename=str(path), languages=["eng"])
+    content = None
+    if MAIN_CONTENT:  # the page's own content, not its menus, ads and link lists (ingest/html_main.py)
+        from ingest.html_main import decode, main_content
+
+        content = main_content(decode(raw))
+    if content is not None:
+        elements = partition_html(text=content, languages=["eng"])
+    else:
+        elements = partition_html(filename=str(path), languages=["eng"])
     sections = _sections_from_elements(elements, paged=False)
     title = _html_title(raw) or (sections[0].headings[0] if sections and sections[0].headings else path.stem)
     if not sections:

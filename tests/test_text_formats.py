@@ -87,6 +87,68 @@ def test_html_title_and_headings(tmp_path):
     assert any("Sub" in s.headings for s in doc.sections)
 
 
+PAGE = """<html><head><meta charset="utf-8"><title>Harbour news</title><script>var ad = "BUY NOW";</script></head>
+<body>
+<nav><ul><li><a href="/">Home</a></li><li><a href="/sport">Sport</a></li></ul></nav>
+<header class="site-header"><a href="/">The Harbour Gazette</a> <a href="/login">Log in</a></header>
+<div class="content">
+  <article>
+    <h1>Dredging finished</h1>
+    <p>The channel was dredged to fourteen metres this year, so that larger ships can berth at the quay without
+       waiting for the tide. The work took eleven months and cost less than planned.</p>
+    <h2>Ships that called</h2>
+    <ul><li><a href="/s/1">Aurora</a></li><li><a href="/s/2">Borealis</a></li></ul>
+    <p hidden>Subscribe to our newsletter for more.</p>
+  </article>
+  <div class="sidebar"><h3>Most popular</h3><p>Celebrity chef opens a bakery in the old customs house.</p></div>
+  <ul class="links"><li><a href="/a">Weather warning for the weekend</a></li>
+      <li><a href="/b">Ferry timetable changes</a></li><li><a href="/c">Council votes on parking</a></li></ul>
+  <div class="share-buttons"><a href="#">Share on social media</a></div>
+  <section id="comments"><p>Great news, finally! posted by a reader</p></section>
+</div>
+<footer>Copyright 2026 The Harbour Gazette. All rights reserved.</footer>
+</body></html>"""
+
+
+def test_html_keeps_the_page_s_own_content_not_its_menus_ads_and_link_lists(tmp_path):
+    f = tmp_path / "news.html"
+    f.write_text(PAGE, encoding="utf-8")
+    doc = parse_file(f, "html")
+    text = " ".join(" ".join(s.headings) + " " + s.text for s in doc.sections)
+    for kept in ("Dredging finished", "fourteen metres", "Aurora", "Borealis"):  # the article and its own list
+        assert kept in text, kept
+    for dropped in ("Sport", "Log in", "Celebrity chef", "Ferry timetable", "Share on social", "Great news",
+                    "Copyright", "Subscribe", "BUY NOW"):
+        assert dropped not in text, dropped
+
+
+def test_html_the_rules_never_empty_a_page(tmp_path):
+    """A page whose every block has a class the rules distrust keeps its text (parsed whole)."""
+    import ingest.html_main as html_main
+
+    f = tmp_path / "odd.html"
+    f.write_text("<html><body><div class='comment-wrapper'><p>" + "The only text of this page is here. " * 20
+                 + "</p></div></body></html>", encoding="utf-8")
+    assert html_main.main_content(f.read_text()) is None  # the rules would keep too little: whole page instead
+    assert "The only text of this page" in " ".join(s.text for s in parse_file(f, "html").sections)
+
+
+def test_shared_web_pages_lose_their_boilerplate_by_the_main_path():
+    """On real pages (../shared): the main-content path ran (no fallback) and removed what is not the article."""
+    html = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpora" / "html"
+    if not html.is_dir():
+        pytest.skip("needs ../shared/data")
+    import ingest.html_main as html_main
+
+    for name in ("breitbart.html", "wikipedia-2.html", "youth.html"):
+        assert html_main.main_content(html_main.decode((html / name).read_bytes())) is not None, name
+    text = " ".join(s.text for s in parse_file(html / "breitbart.html", "html").sections)
+    assert "a writer for partisan" in text and "FROM THE HOMEPAGE" not in text and "MOST POPULAR" not in text
+    wiki = parse_file(html / "wikipedia-2.html", "html")
+    assert not any("Navigation menu" in " > ".join(s.headings) for s in wiki.sections)
+    assert "Wellington" in " ".join(s.text for s in wiki.sections)
+
+
 def test_pdf_without_text_layer_says_so(tmp_path):
     import pypdfium2 as pdfium
 
