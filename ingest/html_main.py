@@ -132,7 +132,7 @@ def main_content(html: str) -> str | None:
 
     try:
         doc = lxml.html.document_fromstring(html)
-    except (lxml.etree.ParserError, ValueError):
+    except Exception:  # lxml refuses some damaged pages; unstructured then reads the file itself and says why
         return None
     body = doc.find("body")
     if body is None:
