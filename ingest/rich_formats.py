@@ -80,9 +80,32 @@ def _sections_from_elements(elements, *, paged: bool) -> list[Section]:
             continue
         if el.category in {"PageBreak", "Header", "Footer", "PageNumber"}:
             continue
+        if el.category == "Table":
+            text = _table_rows(getattr(el.metadata, "text_as_html", None)) or text
         buf.append(text)
     flush()
     return sections
+
+
+def _table_rows(html: str | None) -> str:
+    """A table as one line per row, "| cell | cell |" (unstructured flattens it into one run of words: an
+    infobox read "Capital Wellington 41°17′S ... Largest city Auckland Official languages ..."), so that a
+    row is a unit of evidence ("| Capital | Wellington |") and a passage never cuts one in two."""
+    if not html:
+        return ""
+    try:
+        import lxml.html
+
+        table = lxml.html.fragment_fromstring(html, create_parent="div")
+    except Exception:  # the flattened text is still there
+        return ""
+    rows = []
+    for tr in table.iter("tr"):
+        cells = [" ".join(td.text_content().split()) for td in tr if isinstance(td.tag, str) and td.tag in ("td", "th")]
+        cells = [c.replace("|", "/") for c in cells if c]
+        if cells:
+            rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 # libxml2, under unstructured's HTML parser, stops descending at 256 levels: text nested deeper is lost.

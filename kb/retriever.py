@@ -32,6 +32,7 @@ from kb.types import Hit
 
 MODES = ("dense", "lexical", "hybrid")
 CANDIDATES = 50  # passages each retriever hands to the fusion
+SPARE = 5  # candidates beyond k, to fill the places of passages that repeat a better one's text
 PRUNE_FROM = 10_000  # chunks; below this every full-text query is fast and keeps all its terms
 
 
@@ -87,7 +88,7 @@ class Retriever:
             raise BadQuestion(f"unknown search mode {mode!r}", hint=f"use one of {', '.join(MODES)}")
         timings: dict = {}
         requested = mode
-        n = max(k, CANDIDATES) if mode == "hybrid" or self.reranker else k
+        n = max(k, CANDIDATES) if mode == "hybrid" or self.reranker else k + SPARE
         dense = lexical = vector = None
         if mode == "hybrid" and not self.dense_covers(query):
             # The embedder's model card does not list the query's language: its ranking is noise here.
@@ -118,12 +119,28 @@ class Retriever:
             scored = fuse([dense, lexical])
         else:
             scored = dense if mode == "dense" else lexical
-        hits = self.store.hits(scored[: n if self.reranker else k])
+        hits = self._distinct(scored, n if self.reranker else k)
         if self.reranker:
             t = time.perf_counter()
             hits = self.reranker.rerank(query, hits)
             timings["rerank_ms"] = (time.perf_counter() - t) * 1000
         return SearchResult(hits=hits[:k], mode=requested, timings=timings, query_vector=vector)
+
+    def _distinct(self, scored: list[tuple[int, float]], k: int) -> list[Hit]:
+        """The best k hits whose texts differ: a passage found again in a copy of a file ("report (1).pdf") or
+        repeated within one (a handbook that holds its chapters twice) takes one place, not several."""
+        hits: list[Hit] = []
+        seen: set[str] = set()
+        start = 0
+        while len(hits) < k and start < len(scored):
+            batch = scored[start:start + k - len(hits) + (SPARE if start else 0)]
+            start += len(batch)
+            for hit in self.store.hits(batch):
+                key = " ".join(hit.text.split())
+                if key not in seen and len(hits) < k:
+                    seen.add(key)
+                    hits.append(hit)
+        return hits
 
     def _informative_terms(self, query: str, mode: str) -> list[str]:
         """The query's terms without those in at least half of all chunks (in indexes of PRUNE_FROM chunks or more).

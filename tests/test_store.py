@@ -127,6 +127,23 @@ def test_a_chinese_word_wrapped_across_lines_is_still_a_term(backend, tmp_path):
     assert kb.search("植物", k=1, mode="lexical")[0].path.endswith("tomato.md")
 
 
+def test_a_passage_found_again_in_a_copy_takes_one_place(backend, tmp_path):
+    """A file saved twice ("notes (1).md") or a passage a document repeats: k hits of k different texts."""
+    _, make = backend
+    docs = tmp_path / "copies"
+    docs.mkdir()
+    text = "# Starter\n\nFeed the sourdough starter once a day when it lives on the counter.\n"
+    (docs / "notes.md").write_text(text)
+    (docs / "notes (1).md").write_text(text)
+    (docs / "fridge.md").write_text("# Fridge\n\nA starter in the fridge is fed once a week.\n")
+    (docs / "other.md").write_text("# Bread\n\nBake the loaf at 230 degrees for forty minutes.\n")
+    kb = make()
+    kb.ingest([docs])
+    for mode in ("hybrid", "lexical", "dense"):
+        hits = kb.search("how often to feed the sourdough starter", k=2, mode=mode)
+        assert len(hits) == 2 and hits[0].text != hits[1].text, mode
+
+
 def test_a_version_number_is_one_lexical_term(backend, tmp_path):
     """"1.0.0" matches the document that says 1.0.0 (also glued: v1.0.0), not every one with a 1 and a 0."""
     _, make = backend

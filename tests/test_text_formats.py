@@ -122,6 +122,19 @@ def test_html_keeps_the_page_s_own_content_not_its_menus_ads_and_link_lists(tmp_
         assert dropped not in text, dropped
 
 
+def test_html_and_word_tables_keep_their_rows(tmp_path):
+    """A table is a line per row ("| Capital | Wellington |"), not one run of words: a row is a unit of evidence."""
+    f = tmp_path / "infobox.html"
+    f.write_text("<html><body><h1>New Zealand</h1><p>An island country in the south-western Pacific Ocean.</p>"
+                 "<table><tr><th>Capital</th><td>Wellington</td></tr><tr><th>Largest city</th><td>Auckland</td></tr>"
+                 "</table></body></html>", encoding="utf-8")
+    text = "\n".join(s.text for s in parse_file(f, "html").sections)
+    assert "| Capital | Wellington |\n| Largest city | Auckland |" in text
+    from kb.evidence import split_sentences
+
+    assert "| Largest city | Auckland |" in [text[a:b] for a, b in split_sentences(text)]
+
+
 def test_html_the_rules_never_empty_a_page(tmp_path):
     """A page whose every block has a class the rules distrust keeps its text (parsed whole)."""
     import ingest.html_main as html_main
