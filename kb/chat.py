@@ -9,13 +9,15 @@ steps: rewrite the follow-up (`standalone_question`), fold turns beyond the hist
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 
 from kb import history as log
 from kb.answer import Answer, AnswerStream
-from kb.errors import BadQuestion
+from kb.errors import BadQuestion, KBError
 from kb.generator import complete
 from kb.prompting import persona_text, render_template
+from kb.text import unspaced_ratio
 
 # Share of the context window the verbatim history may take before older turns are summarized.
 HISTORY_SHARE = 0.25
@@ -38,27 +40,57 @@ def _fit(kb, text: str, share: float) -> str:
     return kb.generator.truncate(text, int(kb.generator.n_ctx * share))
 
 
-def standalone_question(kb, messages, question: str) -> str:
+def _generates(kb, text: str, extractive: bool | None) -> bool:
+    """Whether kb would use its chat model for `text`: extractive mode is off and the model writes its language.
+    Otherwise the model is neither loaded nor asked to rewrite or summarize (an English-only model "rewrote"
+    the Chinese follow-up 日期格式呢？ into "4. 10. 日期格式：")."""
+    return kb._extractive_notice(text, extractive) is None
+
+
+def _without_model(kb, question: str, plain: str) -> str:
+    """With no model to rewrite it: the follow-up alone when the documents answer it at least as well on its
+    own ("日期格式呢？" after a question on thread pools asks about something new), else with the previous
+    question ("那应该用什么方式创建？" needs it). Two searches, no model."""
+    if plain == question:
+        return question
+    try:
+        alone = kb.assess(question, kb.search_result(question))[0].answerability
+        together = kb.assess(plain, kb.search_result(plain))[0].answerability
+    except KBError:  # no documents yet, a question with no words: the ask path reports it
+        return plain
+    return question if alone >= kb.settings.min_score and alone >= together else plain
+
+
+_ANSWER_LIKE = re.compile(r"^\s*(?:\d{1,2}[.)、]|[-*•])\s|\[\d+\]")
+
+
+def standalone_question(kb, messages, question: str, *, extractive: bool | None = None) -> str:
     """The follow-up `question` rewritten so that it can be understood without the conversation `messages`."""
     if not messages:
         return question
+    previous = next((m.content for m in reversed(messages) if m.role == "user"), "")
+    plain = f"{previous} {question}".strip()  # the user's own words, with the previous question for context
+    if not _generates(kb, plain, extractive):
+        return _without_model(kb, question, plain)
     history = _fit(kb, transcript(messages[-4:]), 0.4)
     prompt = render_template("condense", kb.config_home, history=history, question=question)
     rewritten = complete(kb.generator, prompt, CONDENSE_TOKENS, seed=kb.settings.seed)
     rewritten = rewritten.splitlines()[0].strip() if rewritten else ""
-    # A small model sometimes answers instead of rewriting, or returns nothing: keep the user's own
-    # words then, with the previous question for context, which retrieval handles well.
-    if not rewritten or len(rewritten) > 4 * len(question) + 200:
-        previous = next((m.content for m in reversed(messages) if m.role == "user"), "")
-        return f"{previous} {question}".strip()
+    # A small model sometimes answers instead of rewriting (a list item, a citation), switches language, or
+    # returns nothing: keep the user's own words then, which retrieval handles well.
+    if not rewritten or len(rewritten) > 4 * len(question) + 200 or _ANSWER_LIKE.search(rewritten) \
+            or (unspaced_ratio(rewritten) >= 0.5) != (unspaced_ratio(question) >= 0.5):
+        return plain
     return rewritten
 
 
-def fit_history(kb, messages, summary: str) -> tuple[int, str]:
+def fit_history(kb, messages, summary: str, *, extractive: bool | None = None) -> tuple[int, str]:
     """(how many of the oldest `messages` to fold, the new summary) so that the verbatim history stays
     within its share of the context window; (0, summary) when it already does."""
+    if len(messages) <= 2 * KEEP_TURNS or not _generates(kb, transcript(messages[-2:]), extractive):
+        return 0, summary  # nothing to fold, or no model to fold with (the answers are the evidence then)
     generator = kb.generator
-    if len(messages) <= 2 * KEEP_TURNS or generator.count_tokens(transcript(messages)) <= generator.n_ctx * HISTORY_SHARE:
+    if generator.count_tokens(transcript(messages)) <= generator.n_ctx * HISTORY_SHARE:
         return 0, summary
     older = messages[: len(messages) - 2 * KEEP_TURNS]
     history = _fit(kb, (f"Earlier summary: {summary}\n" if summary else "") + transcript(older), 0.5)
@@ -66,7 +98,7 @@ def fit_history(kb, messages, summary: str) -> tuple[int, str]:
     return len(older), complete(generator, prompt, SUMMARY_TOKENS, seed=kb.settings.seed) or summary
 
 
-def prepare_conversation(kb, messages: list[dict]) -> dict:
+def prepare_conversation(kb, messages: list[dict], *, extractive: bool | None = None) -> dict:
     """The arguments of kb's ask path for the last user message of `messages` ([{role, content}], as
     OpenAI clients send them): the question, its standalone rewrite, the turns kept verbatim, the summary of
     older ones, and the client's system messages. Uses the chat model, not the store."""
@@ -74,9 +106,9 @@ def prepare_conversation(kb, messages: list[dict]) -> dict:
     if not turns or turns[-1].role != "user" or not turns[-1].content.strip():
         raise BadQuestion("the conversation must end with a user message that asks something")
     question, earlier = turns[-1].content, turns[:-1]
-    folded, summary = fit_history(kb, earlier, "")
+    folded, summary = fit_history(kb, earlier, "", extractive=extractive)
     kept = earlier[folded:]
-    return {"question": question, "standalone": standalone_question(kb, kept, question),
+    return {"question": question, "standalone": standalone_question(kb, kept, question, extractive=extractive),
             "history": [{"role": t.role, "content": t.content} for t in kept], "summary": summary,
             "extra_system": "\n".join(m["content"] for m in messages if m.get("role") == "system" and m.get("content"))}
 
@@ -84,7 +116,7 @@ def prepare_conversation(kb, messages: list[dict]) -> dict:
 def answer_conversation(kb, messages: list[dict], **options) -> AnswerStream:
     """Answer the last user message of `messages`, the earlier turns being the conversation; the client's
     system messages are added to kb's own system prompt. Nothing is stored but the ask log."""
-    return kb._answer(**prepare_conversation(kb, messages), **options)
+    return kb._answer(**prepare_conversation(kb, messages, extractive=options.get("extractive")), **options)
 
 
 class Chat:
@@ -142,13 +174,14 @@ class Chat:
     def stream(self, question: str, **options) -> AnswerStream:
         """Answer `question` in the context of the conversation; iterate for tokens."""
         if question and question.strip():
-            folded, summary = fit_history(self.kb, self.conversation.messages, self.conversation.summary)
+            folded, summary = fit_history(self.kb, self.conversation.messages, self.conversation.summary,
+                                          extractive=options.get("extractive"))
             if folded:
                 with self._lock:
                     log.fold_into_summary(self.kb._open_store(), self.conversation, summary,
                                           keep_last=len(self.conversation.messages) - folded)
-        standalone = standalone_question(self.kb, self.conversation.messages, question) \
-            if question and question.strip() else question
+        standalone = standalone_question(self.kb, self.conversation.messages, question,
+                                         extractive=options.get("extractive")) if question and question.strip() else question
         history = [{"role": m.role, "content": m.content} for m in self.conversation.messages]
 
         def remember(answer: Answer) -> None:

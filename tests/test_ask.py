@@ -162,6 +162,34 @@ def test_chat_condenses_follow_ups_summarizes_and_resumes(ingested):
     assert all(e["conversation_id"] == chat.id for e in kb.log(6))
 
 
+def test_follow_ups_are_rewritten_only_by_a_model_that_writes_their_language(ingested, monkeypatch):
+    """An English-only model "rewrote" the Chinese follow-up 日期格式呢？ into "4. 10. 日期格式：": kb keeps the
+    user's words (with the previous question) where the model does not write the language, in extractive
+    mode, and when the rewrite answers instead (a list item, a citation) or switches language."""
+    import dataclasses
+
+    import kb.chat as chat_module
+    from kb.chat import Turn, standalone_question
+
+    generator = FakeGenerator()
+    kb = ingested(generator)
+    kb.settings = dataclasses.replace(kb.settings, model_languages="en")
+    zh = [Turn("user", "线程池为什么不允许使用Executors创建？"), Turn("assistant", "通过 ThreadPoolExecutor [1]")]
+    assert standalone_question(kb, zh, "日期格式呢？") == "线程池为什么不允许使用Executors创建？ 日期格式呢？"
+    assert generator.prompts == []  # the model was not asked
+    en = [Turn("user", QUESTION), Turn("assistant", "Alpha is the first letter [1].")]
+    assert standalone_question(kb, en, "And in statistics?") == "STANDALONE And in statistics?"
+    asked = len(generator.prompts)
+    # extractive: no model; the follow-up alone, as the corpus answers it on its own (alpha in statistics)
+    assert standalone_question(kb, en, "And in statistics?", extractive=True) == "And in statistics?"
+    assert standalone_question(kb, en, "And how is it pronounced?", extractive=True) \
+        == f"{QUESTION} And how is it pronounced?"  # needs the previous question to mean anything
+    assert len(generator.prompts) == asked
+    for reply in ("1. Alpha is a significance level [2]", "阿尔法是什么？"):
+        monkeypatch.setattr(chat_module, "complete", lambda *a, reply=reply, **k: reply)
+        assert standalone_question(kb, en, "And in statistics?") == f"{QUESTION} And in statistics?", reply
+
+
 # --- the CLI, with the fake generator in place of llama.cpp -----------------------------------------
 
 

@@ -96,7 +96,8 @@ def register(app: FastAPI, state, auth) -> None:
                 return plain_chat(target, messages, options)
             from kb.chat import prepare_conversation
 
-            prepared = prepare_conversation(target, messages)  # follow-ups use the model: not under the store lock
+            # follow-ups use the model: not under the store lock
+            prepared = prepare_conversation(target, messages, extractive=options.get("extractive"))
             with state.lock:
                 return target._answer(**prepared, log=False, **options)
 
