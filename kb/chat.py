@@ -47,15 +47,16 @@ def _generates(kb, text: str, extractive: bool | None) -> bool:
     return kb._extractive_notice(text, extractive) is None
 
 
-def _without_model(kb, question: str, plain: str) -> str:
+def _without_model(kb, question: str, plain: str, lock=None) -> str:
     """With no model to rewrite it: the follow-up alone when the documents answer it at least as well on its
     own ("日期格式呢？" after a question on thread pools asks about something new), else with the previous
-    question ("那应该用什么方式创建？" needs it). Two searches, no model."""
+    question ("那应该用什么方式创建？" needs it). Two searches, no model; `lock` guards the store where it is shared."""
     if plain == question:
         return question
     try:
-        alone = kb.assess(question, kb.search_result(question))[0].answerability
-        together = kb.assess(plain, kb.search_result(plain))[0].answerability
+        with lock or contextlib.nullcontext():
+            alone = kb.assess(question, kb.search_result(question))[0].answerability
+            together = kb.assess(plain, kb.search_result(plain))[0].answerability
     except KBError:  # no documents yet, a question with no words: the ask path reports it
         return plain
     return question if alone >= kb.settings.min_score and alone >= together else plain
@@ -64,14 +65,14 @@ def _without_model(kb, question: str, plain: str) -> str:
 _ANSWER_LIKE = re.compile(r"^\s*(?:\d{1,2}[.)、]|[-*•])\s|\[\d+\]")
 
 
-def standalone_question(kb, messages, question: str, *, extractive: bool | None = None) -> str:
+def standalone_question(kb, messages, question: str, *, extractive: bool | None = None, lock=None) -> str:
     """The follow-up `question` rewritten so that it can be understood without the conversation `messages`."""
     if not messages:
         return question
     previous = next((m.content for m in reversed(messages) if m.role == "user"), "")
     plain = f"{previous} {question}".strip()  # the user's own words, with the previous question for context
     if not _generates(kb, plain, extractive):
-        return _without_model(kb, question, plain)
+        return _without_model(kb, question, plain, lock)
     history = _fit(kb, transcript(messages[-4:]), 0.4)
     prompt = render_template("condense", kb.config_home, history=history, question=question)
     rewritten = complete(kb.generator, prompt, CONDENSE_TOKENS, seed=kb.settings.seed)
@@ -98,7 +99,7 @@ def fit_history(kb, messages, summary: str, *, extractive: bool | None = None) -
     return len(older), complete(generator, prompt, SUMMARY_TOKENS, seed=kb.settings.seed) or summary
 
 
-def prepare_conversation(kb, messages: list[dict], *, extractive: bool | None = None) -> dict:
+def prepare_conversation(kb, messages: list[dict], *, extractive: bool | None = None, lock=None) -> dict:
     """The arguments of kb's ask path for the last user message of `messages` ([{role, content}], as
     OpenAI clients send them): the question, its standalone rewrite, the turns kept verbatim, the summary of
     older ones, and the client's system messages. Uses the chat model, not the store."""
@@ -108,7 +109,7 @@ def prepare_conversation(kb, messages: list[dict], *, extractive: bool | None = 
     question, earlier = turns[-1].content, turns[:-1]
     folded, summary = fit_history(kb, earlier, "", extractive=extractive)
     kept = earlier[folded:]
-    return {"question": question, "standalone": standalone_question(kb, kept, question, extractive=extractive),
+    return {"question": question, "standalone": standalone_question(kb, kept, question, extractive=extractive, lock=lock),
             "history": [{"role": t.role, "content": t.content} for t in kept], "summary": summary,
             "extra_system": "\n".join(m["content"] for m in messages if m.get("role") == "system" and m.get("content"))}
 
@@ -180,8 +181,8 @@ class Chat:
                 with self._lock:
                     log.fold_into_summary(self.kb._open_store(), self.conversation, summary,
                                           keep_last=len(self.conversation.messages) - folded)
-        standalone = standalone_question(self.kb, self.conversation.messages, question,
-                                         extractive=options.get("extractive")) if question and question.strip() else question
+        standalone = standalone_question(self.kb, self.conversation.messages, question, extractive=options.get("extractive"),
+                                         lock=self._lock) if question and question.strip() else question
         history = [{"role": m.role, "content": m.content} for m in self.conversation.messages]
 
         def remember(answer: Answer) -> None:

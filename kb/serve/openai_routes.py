@@ -97,7 +97,7 @@ def register(app: FastAPI, state, auth) -> None:
             from kb.chat import prepare_conversation
 
             # follow-ups use the model: not under the store lock
-            prepared = prepare_conversation(target, messages, extractive=options.get("extractive"))
+            prepared = prepare_conversation(target, messages, extractive=options.get("extractive"), lock=state.lock)
             with state.lock:
                 return target._answer(**prepared, log=False, **options)
 
