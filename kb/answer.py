@@ -105,6 +105,7 @@ def evidence_block(evidence: list[Evidence]) -> str:
 
 
 _MARKUP = re.compile(r"^\s*(?:[-*+•]\s+|#{1,6}\s+|>\s*)|\*\*|__|`")
+_LINK = re.compile(r"!?\[([^\]\n]*)\]\((?:[^()\s]|\([^()\s]*\))+(?:\s+\"[^\"]*\")?\)")  # [text](url) reads as text
 
 
 # An extractive answer quotes the second-best sentence too when it scores at least this share of the best:
@@ -123,7 +124,7 @@ def extractive_text(evidence: list[Evidence]) -> str:
         chosen.sort(key=lambda e: e.start)
     parts = []
     for e in chosen:
-        lines = [_MARKUP.sub("", line).strip() for line in e.text.splitlines()]
+        lines = [_MARKUP.sub("", _LINK.sub(r"\1", line)).strip() for line in e.text.splitlines()]
         text = flatten("\n".join(line for line in lines if line))
         if opens_mid_sentence(e):
             text = "…" + text

@@ -469,6 +469,9 @@ def test_an_extractive_answer_quotes_the_runner_up_only_when_it_scores_almost_as
     far = Evidence(n=2, text="尾鳍外缘金黄色。", start=0, end=8, score=SECOND_QUOTE - 0.01)
     assert extractive_text([best, close]) == "体呈淡蓝红色。 [1] 尾鳍外缘金黄色。 [2]"
     assert extractive_text([best, far]) == "体呈淡蓝红色。 [1]"
+    linked = Evidence(n=4, text="It is the anniversary of [Rust 1.0](https://blog.rust-lang.org/2015/05/15/Rust-1.0/)!",
+                      start=5, end=90, score=1.0)
+    assert extractive_text([linked]) == "It is the anniversary of Rust 1.0! [4]"
     english = [Evidence(n=1, text="- It eats **ants**.", start=0, end=19, score=0.9),
                Evidence(n=3, text="It eats termites.", start=0, end=17, score=0.8)]
     assert extractive_text(english) == "It eats ants. [1] It eats termites. [3]"
