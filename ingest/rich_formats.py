@@ -101,6 +101,8 @@ def _table_rows(html: str | None) -> str:
         return ""
     rows = []
     for tr in table.iter("tr"):
+        if any(next(td.iter("table"), None) is not None for td in tr):
+            continue  # a table inside a cell: its own rows follow
         cells = [" ".join(td.text_content().split()) for td in tr if isinstance(td.tag, str) and td.tag in ("td", "th")]
         cells = [c.replace("|", "/") for c in cells if c]
         if cells:
