@@ -796,7 +796,7 @@ def assess(q: QuestionTerms, passages: Sequence[Passage]) -> Assessment:
 # calibrated by benchmarks/calibrate_refusal.py: the bias puts 0.5 where about 96% of answerable questions
 # pass on the calibration sets. Regenerate them with that script rather than editing by hand.
 ANSWERABILITY = {
-    "spaced": ({"evidence": 2.479, "window_coverage": 1.492, "passage_coverage": 1.557, "passage_similarity": 0.975}, -3.059),
+    "spaced": ({"evidence": 2.479, "window_coverage": 1.492, "passage_coverage": 1.557, "passage_similarity": 0.975}, -3.06),
     "unspaced": ({"evidence": 2.294, "window_coverage": 1.834, "passage_coverage": 1.949}, -1.968),
 }
 
