@@ -39,25 +39,30 @@ _CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([\w-]+)""", re.I)
 
 
 def decode(raw: bytes) -> str:
-    """The page's text: its byte-order mark, else UTF-8 if it decodes, else its declared charset, else cp1252."""
-    for bom, codec in ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")):
-        if raw.startswith(bom):
-            return raw.decode(codec, errors="replace")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
-    declared = _CHARSET.search(raw[:4096])
-    if declared:
+    """The page's text: UTF-8 when its bytes are that; else the charset the page declares, when its bytes
+    decode in it; else what kb's text reader makes of them (byte-order marks, GBK and others detected)."""
+    from ingest.text_formats import _decode
+
+    if not raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         try:
-            return raw.decode(declared.group(1).decode("ascii"), errors="replace")
-        except LookupError:
-            pass
-    return raw.decode("cp1252", errors="replace")
+            return raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            declared = _CHARSET.search(raw[:4096])
+            if declared:
+                try:
+                    return raw.decode(declared.group(1).decode("ascii"))
+                except (LookupError, UnicodeDecodeError):
+                    pass
+    return _decode(raw) or raw.decode("utf-8", errors="replace")
 
 
 def _text_length(el) -> int:
     return len(" ".join(el.text_content().split()))
+
+
+def _linked_length(el) -> int:
+    """How much of its text is the text of links."""
+    return sum(_text_length(a) for a in el.iter("a"))
 
 
 def _drop(el) -> None:
@@ -107,7 +112,7 @@ def _beside_prose(el) -> bool:
         if a.tag == "article" or _ARTICLE.search(f"{a.get('class', '')} {a.get('id', '')}"):
             return True
     for near in (el.getprevious(), el.getnext()):
-        if near is not None and near.tag == "p" and _text_length(near) - sum(_text_length(a) for a in near.iter("a")) > 100:
+        if near is not None and near.tag == "p" and _text_length(near) - _linked_length(near) > 100:
             return True
     return False
 
@@ -118,10 +123,27 @@ def _link_list(el) -> bool:
     total = _text_length(el)
     if not total:
         return False
-    linked = sum(_text_length(a) for a in el.iter("a"))
+    linked = _linked_length(el)
     own = total - linked
     prose = max((_text_length(p) for p in el.iter("p")), default=0)
     return linked / total > 0.5 and own < 200 and prose < 100 and not _holds_title(el) and not _beside_prose(el)
+
+
+def _not_content(el) -> bool:
+    role = (el.get("role") or "").lower()
+    return (_hidden(el) or role in _NOT_MAIN_ROLES and not _holds_title(el)
+            or el.tag == "header" and not _in_content(el) and not _holds_title(el) or _unlikely(el))
+
+
+def _prune(el) -> None:
+    """Drop the descendants of `el` that are not content, without looking inside those already dropped."""
+    for child in list(el):
+        if not isinstance(child.tag, str):
+            continue
+        if _not_content(child):
+            _drop(child)
+        else:
+            _prune(child)
 
 
 def main_content(html: str) -> str | None:
@@ -144,16 +166,10 @@ def main_content(html: str) -> str | None:
     if not before:
         return None
     for el in list(doc.iter(*_NEVER)):
-        if el.tag in ("footer",) and _in_content(el):
+        if el.tag == "footer" and _in_content(el):
             continue
         _drop(el)
-    for el in list(body.iter()):
-        if not isinstance(el.tag, str) or el.getparent() is None:
-            continue
-        role = (el.get("role") or "").lower()
-        if _hidden(el) or role in _NOT_MAIN_ROLES and not _holds_title(el) \
-                or el.tag == "header" and not _in_content(el) and not _holds_title(el) or _unlikely(el):
-            _drop(el)
+    _prune(body)
     # bottom up, so that a link list inside a block of prose goes and the prose stays
     for el in reversed([e for e in body.iter(*_BLOCKS)]):
         if el.getparent() is not None and _link_list(el):

@@ -206,7 +206,7 @@ def forget(path, home, settings, wait):
 
 
 def hit_location(hit) -> str:
-    where = " ".join((hit.heading or "").split())  # a Word heading may hold a tab ("D.\tEVALUATION")
+    where = flatten(hit.heading or "")  # a Word heading may hold a tab ("D.\tEVALUATION")
     if hit.page:
         where = f"p. {hit.page}" + (f", {where}" if where else "")
     return where

@@ -135,6 +135,17 @@ def test_html_and_word_tables_keep_their_rows(tmp_path):
     assert "| Largest city | Auckland |" in [text[a:b] for a, b in split_sentences(text)]
 
 
+def test_html_pages_in_other_encodings_are_decoded():
+    """UTF-8 first; else the charset the page declares; else kb's detection (GBK without a declaration)."""
+    from ingest.html_main import decode
+
+    text = "<html><body><p>番茄是喜光植物，每天需要六到八个小时的直射阳光，夏天要多浇水。</p></body></html>"
+    assert decode(text.encode("utf-8")) == text
+    assert decode(text.encode("gb18030")) == text
+    declared = "<html><head><meta charset='windows-1252'></head><body><p>Caf\u00e9 cr\u00e8me</p></body></html>"
+    assert decode(declared.encode("cp1252")) == declared
+
+
 def test_html_the_rules_never_empty_a_page(tmp_path):
     """A page whose every block has a class the rules distrust keeps its text (parsed whole)."""
     import ingest.html_main as html_main
