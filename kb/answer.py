@@ -125,7 +125,7 @@ def extractive_text(evidence: list[Evidence]) -> str:
     parts = []
     for e in chosen:
         lines = [_MARKUP.sub("", _LINK.sub(r"\1", line)).strip() for line in e.text.splitlines()]
-        text = flatten("\n".join(line for line in lines if line))
+        text = flatten("\n".join(line for line in lines if line), rows=True)
         if opens_mid_sentence(e):
             text = "…" + text
         if unspaced_ratio(text) >= 0.5:
@@ -139,6 +139,8 @@ def extractive_text(evidence: list[Evidence]) -> str:
     joiner = "" if unspaced_ratio(first) >= 0.5 else " "
     if chosen[1].start - chosen[0].end > 2:  # text left out between them
         joiner = "…" if not joiner else " … "
+    if second.startswith("|") or first.endswith("|"):  # a table's rows keep their lines
+        joiner = "\n" if joiner in ("", " ") else "\n…\n"
     return f"{first}{joiner}{second} [{n}]"
 
 

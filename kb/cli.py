@@ -231,8 +231,9 @@ def search(query, home, settings, filters, as_json):
         where = hit_location(hit)
         click.secho(f"[{n}] {hit.score:.3f}  {hit.title}" + (f" — {where}" if where else ""), bold=True)
         click.secho(f"    {hit.path}", fg="cyan")
-        text = flatten(hit.text)
-        click.echo("    " + (text[:400] + ("…" if len(text) > 400 else "")))
+        text = flatten(hit.text, rows=True)
+        text = text[:400] + ("…" if len(text) > 400 else "")
+        click.echo("    " + text.replace("\n", "\n    "))
 
 
 # --- ask and chat --------------------------------------------------------------------------------
@@ -253,7 +254,7 @@ def highlighted(text: str, matches) -> str:
         out.append(click.style(text[a:b], fg="yellow", bold=True))
         last = b
     out.append(text[last:])
-    return flatten("".join(out))
+    return flatten("".join(out), rows=True)
 
 
 def print_evidence(answer, *, heading: str) -> None:
@@ -267,7 +268,8 @@ def print_evidence(answer, *, heading: str) -> None:
     for quote in quotes:
         source = by_n.get(quote.n)
         lead = "…" if opens_mid_sentence(quote) else ""  # the passage begins inside a sentence
-        click.echo(f"  [{quote.n}] “{lead}{highlighted(quote.text, quote.matches)}”")
+        text = highlighted(quote.text, quote.matches).replace("\n", "\n" + " " * (len(f"  [{quote.n}] “")))
+        click.echo(f"  [{quote.n}] “{lead}{text}”")  # a table's rows each on a line, under the first
         if source is not None:
             where = hit_location(source)
             click.secho(f"      {source.path}" + (f" — {where}" if where else ""), fg="cyan")

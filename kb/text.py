@@ -22,6 +22,10 @@ _WHITESPACE = re.compile(r"\s+")
 _CJK_SIDE = f"[{_UNSPACED}\u3000-\u303f\uff00-\uffef]"
 _ANSI = "(?:\x1b\\[[0-9;]*m)*"
 _CJK_WRAP = f"({_CJK_SIDE}{_ANSI})[^\\S\\n]*\\n\\s*(?={_ANSI}{_CJK_SIDE})"  # compiled on first use (start-up time)
+_TABLE_RULE = r"\s*\|?\s*:?-{3,}:?\s*(?:\|\s*:?-{3,}:?\s*)*\|?\s*"  # |------|:---:|
+_TABLE_ROW_LINE = r"\s*\|.*\|\s*$"
+_LABEL = r"\s*[^\s:：]{1,30}[:：]\s?\S"  # "金额合计：人民币" (a line of a form)
+_LIST_ITEM = r"\s*(?:[（(][一二三四五六七八九十\d]{1,3}[)）]|[一二三四五六七八九十]{1,3}、)"
 
 
 def is_unspaced(ch: str) -> bool:
@@ -66,11 +70,41 @@ def lexical_terms(text: str, *, unigrams: bool = True) -> list[str]:
     return terms
 
 
-def flatten(text: str) -> str:
+def flatten(text: str, *, rows: bool = False) -> str:
     """`text` on one line for display: a line break between two CJK characters (a wrapped line of a PDF) is
     dropped, as Chinese puts no space between words; other runs of whitespace become one space. Terminal
-    colour codes between the characters are allowed for."""
-    return " ".join(re.sub(_CJK_WRAP, r"\1", text).split())
+    colour codes between the characters are allowed for. A break between two lines of a form or list
+    ("购买方：上海明远科技有限公司" / "金额合计：人民币 3,260.00 元", "（一）...") is not a wrap: it stays, as a space.
+    A markdown table's rule line (|---|---|) is dropped; with `rows`, each table row keeps a line of its own."""
+    def join(m: re.Match) -> str:
+        return m.group(0) if line_starts_unit(text, m.start(), m.end()) else m.group(1)
+
+    lines = [line for line in re.sub(_CJK_WRAP, join, text).split("\n") if not re.fullmatch(_TABLE_RULE, line)]
+    if not rows:
+        return " ".join(" ".join(lines).split())
+    out: list[str] = []
+    row = False  # the line before was a table row
+    for line in lines:
+        line = " ".join(line.split())
+        if not line:
+            continue
+        was_row, row = row, bool(re.match(_TABLE_ROW_LINE, re.sub(_ANSI, "", line)))
+        if out and not row and not was_row:
+            out[-1] += " " + line
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
+def line_starts_unit(text: str, before: int, after: int) -> bool:
+    """Whether the line break between `text[before]` and `text[after]` starts a new line of a form (both lines
+    are labelled, "金额合计：...") or a list item ("（二）", "三、"), rather than wrapping a line."""
+    start = text.rfind("\n", 0, before) + 1
+    end = text.find("\n", after)
+    previous, following = (re.sub(_ANSI, "", s) for s in (text[start:before + 1], text[after:] if end < 0 else text[after:end]))
+    if re.match(_LIST_ITEM, following):
+        return True
+    return bool(re.match(_LABEL, previous) and re.match(_LABEL, following))
 
 
 def lcs_length(a: list[str], b: list[str]) -> int:

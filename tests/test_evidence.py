@@ -424,6 +424,40 @@ def test_a_quote_is_completed_where_it_cannot_stand_alone():
     assert best.text == "The parser is fast. Therefore the compiler starts quickly."
 
 
+def test_a_labelled_line_of_a_form_stands_alone_and_weak_sentences_are_not_shown():
+    invoice = "发票号码：NO.20261103\n购买方：上海明远科技有限公司\n金额合计：人民币3,260.00元\n开票日期：2026年11月3日"
+    evidence = assess(prepare_question("发票号码是多少？", flat_doc_freqs), [Passage(n=1, text=invoice)]).evidence(3)
+    assert evidence[0].text == "发票号码：NO.20261103"  # short, but a labelled value: not run into the buyer's line
+    notes = ("孩子的钢琴课每周六上午上课，每节课 300 元。", "接口响应时间从 350 毫秒降到 120 毫秒。")
+    a = assess(prepare_question("钢琴课什么时候上？", flat_doc_freqs), [Passage(n=i + 1, text=t) for i, t in enumerate(notes)])
+    assert [e.n for e in a.scored if e.window_coverage > 0] == [1, 2]  # the second shares 时 with 什么时候 ...
+    assert [e.text for e in a.evidence(3)] == [notes[0]]  # ... and is not shown as evidence
+
+
+def test_a_row_of_a_small_table_is_quoted_with_the_whole_table():
+    table = "| 工龄 | 年假天数 |\n| 1-5年 | 5天 |\n| 5-10年 | 10天 |\n| 10年以上 | 15天 |"
+    text = "员工入职满一年后享有年假，具体天数见下表。\n\n" + table
+    best = assess(prepare_question("工龄10年以上有几天年假？", flat_doc_freqs), [Passage(n=1, text=text)]).evidence(3)
+    assert any(e.text == table for e in best)  # the row that answers "7 years" shares no word with the question
+    big = "\n".join(f"| item {i} | {i * 3} kg |" for i in range(20))
+    best = assess(prepare_question("How heavy is item 7?", flat_doc_freqs), [Passage(n=1, text=big)]).evidence(1)[0]
+    assert best.text == "| item 7 | 21 kg |"  # a long table: the row alone
+
+
+def test_a_table_row_holds_its_column_names():
+    table = ("Our plans are billed monthly.\n\n| Plan | Price per month | Seats | Storage |\n|------|------|------|------|\n"
+             "| Starter | $9 | 1 | 10 GB |\n| Team | $49 | 10 | 200 GB |\n| Business | $199 | 50 | 2 TB |")
+    a = assess(prepare_question("How many seats come with the Business plan?", flat_doc_freqs), [Passage(n=1, text=table)])
+    assert a.scored[0].text == "| Business | $199 | 50 | 2 TB |"  # "seats" and "plan" are its column names
+    assert a.scored[0].window_coverage > 0.7 and a.signals["window_coverage"] > 0.7
+    from kb.answer import extractive_text
+    from kb.text import flatten
+    assert extractive_text(a.evidence(3)).startswith("| Plan | Price per month | Seats | Storage |\n| Starter |")
+    assert flatten(table, rows=True).splitlines()[:3] == [
+        "Our plans are billed monthly.", "| Plan | Price per month | Seats | Storage |", "| Starter | $9 | 1 | 10 GB |"]
+    assert "---" not in flatten(table) and "| Seats | Storage | | Starter |" in flatten(table)
+
+
 def test_a_sentence_in_the_question_s_own_words_wins_a_tie(monkeypatch):
     import kb.evidence
 

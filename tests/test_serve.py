@@ -407,6 +407,8 @@ def test_the_page_asks_streams_and_uploads(served, browser, tmp_path):
         span = browser.execute_script("const s = highlight('映射关\\n系。 the\\nend', [[2, 5]]);"
                                       "return [s.textContent, s.querySelector('mark').textContent];")
         assert span == ["映射关系。 the\nend", "关系"]
+        form = browser.execute_script("return highlight('购买方：上海明远\\n金额合计：3,260元', []).textContent;")
+        assert form == "购买方：上海明远\n金额合计：3,260元"  # two lines of a form: the break stays
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#conversations li"))
         browser.find_element(By.ID, "files").send_keys(str(note))
         wait.until(lambda d: "Added: 1" in d.find_element(By.ID, "upload-status").text)

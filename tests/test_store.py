@@ -115,6 +115,10 @@ def test_a_chinese_word_wrapped_across_lines_is_still_a_term(backend, tmp_path):
 
     assert "植物" in lexical_terms("番茄是喜光植\n物，") and "植物" not in lexical_terms("植树。物价")
     assert flatten("喜光植\n物，需要 阳光。 It\nwraps") == "喜光植物，需要 阳光。 It wraps"
+    # the lines of a form (an OCR'd invoice) and list items are not wraps: they stay apart
+    assert flatten("购买方：上海明远科技有限公司\n金额合计：人民币3,260.00元") == "购买方：上海明远科技有限公司 金额合计：人民币3,260.00元"
+    assert flatten("甲方负责交付\n（二）乙方负责付款") == "甲方负责交付 （二）乙方负责付款"
+    assert flatten("他说\n道：好的") == "他说道：好的"
     _, make = backend
     docs = tmp_path / "wrapped"
     docs.mkdir()

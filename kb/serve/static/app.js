@@ -58,13 +58,25 @@ async function api(path, options = {}) {
 // --- answers ----------------------------------------------------------------------------------------
 
 // A line break between two CJK characters wraps a line of a PDF: dropped, as Chinese puts no space between words
-// (the offsets of `matches` stay those of `text`).
+// (the offsets of `matches` stay those of `text`). Between two lines of a form ("购买方：..." / "金额合计：...")
+// or before a list item ("（二）", "三、") it is no wrap and stays (kb.text.flatten does the same).
 const CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef";
 const CJK_WRAP = new RegExp(`([${CJK}])[^\\S\\n]*\\n\\s*(?=[${CJK}])`, "g");
+const LABEL = /^\s*[^\s:：]{1,30}[:：]\s?\S/;
+const LIST_ITEM = /^\s*(?:[（(][一二三四五六七八九十\d]{1,3}[)）]|[一二三四五六七八九十]{1,3}、)/;
+
+function startsUnit(text, before, after) {
+  const start = text.lastIndexOf("\n", before) + 1;
+  const end = text.indexOf("\n", after);
+  const previous = text.slice(start, before + 1);
+  const following = end < 0 ? text.slice(after) : text.slice(after, end);
+  return LIST_ITEM.test(following) || (LABEL.test(previous) && LABEL.test(following));
+}
 
 function highlight(text, matches) {
   const drop = new Set();
   for (const m of text.matchAll(CJK_WRAP)) {
+    if (startsUnit(text, m.index, m.index + m[0].length)) continue;
     for (let i = m.index + 1; i < m.index + m[0].length; i++) drop.add(i);
   }
   const piece = (a, b) => {
