@@ -204,12 +204,13 @@ def _embed_and_store(store, embedder, todo, report, timings, overlap, batch_size
     pending: list[tuple[_Work, int]] = []  # documents waiting for their vectors, with their first row in `texts`
     texts: list[str] = []
     done_files = 0
+    failed_before = len(report.failed)  # found broken before parsing (a broken symlink): not among `todo`
     last_checkpoint = time.monotonic()
     t_start = time.monotonic()
 
     def show_progress(chunks: int) -> None:
         elapsed = max(time.monotonic() - t_start, 1e-9)
-        emit({"event": "progress", "files_done": done_files + len(report.failed), "files": len(todo),
+        emit({"event": "progress", "files_done": done_files + len(report.failed) - failed_before, "files": len(todo),
               "chunks": chunks, "chunks_per_s": chunks / elapsed, "files_per_s": done_files / elapsed})
 
     def flush():

@@ -458,6 +458,13 @@ def test_a_table_row_holds_its_column_names():
     assert "---" not in flatten(table) and "| Seats | Storage | | Starter |" in flatten(table)
 
 
+def test_in_a_small_index_a_word_it_never_saw_weighs_as_its_rarest_word():
+    q = prepare_question("How do I cancel my subscription?", lambda terms: (3, {"cancel": 1, "subscription": 0}))
+    assert q.weights["cancel"] == q.weights["subscription"]  # an unseen word had weighed twice "cancel" here
+    assert prepare_question("cancel subscription", lambda terms: (3, {"cancel": 2, "subscription": 0})).weights["cancel"] < \
+        q.weights["cancel"]  # a word seen more often still weighs less
+
+
 def test_a_sentence_in_the_question_s_own_words_wins_a_tie(monkeypatch):
     import kb.evidence
 

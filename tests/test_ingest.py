@@ -108,7 +108,12 @@ def test_bad_inputs_are_reported_and_do_not_stop_the_ingest(make_kb, corpus, tmp
 
     monkeypatch.setattr(builtins, "open", guarded_open)
     kb = make_kb()
-    report = kb.ingest([corpus, tmp_path / "does-not-exist"])
+    events = []
+    report = kb.ingest([corpus, tmp_path / "does-not-exist"], progress=events.append)
+    progress = [e for e in events if e["event"] == "progress"]
+    # files found broken before parsing (the symlink loop, the missing path) are not counted as parsed: it showed
+    # "files 9/8"
+    assert all(e["files_done"] <= e["files"] for e in progress) and progress[-1]["files_done"] == progress[-1]["files"]
     reasons = {Path(f.path).name: f.reason for f in report.failed}
     assert "empty" in reasons["zero.md"]
     assert "binary" in reasons["binary.md"]

@@ -409,6 +409,9 @@ def test_the_page_asks_streams_and_uploads(served, browser, tmp_path):
         assert span == ["映射关系。 the\nend", "关系"]
         form = browser.execute_script("return highlight('购买方：上海明远\\n金额合计：3,260元', []).textContent;")
         assert form == "购买方：上海明远\n金额合计：3,260元"  # two lines of a form: the break stays
+        table = browser.execute_script("const s = highlight('Plans:\\n| Plan | Seats |\\n|---|---|\\n| Team | 10 |', []);"
+                                       "return [s.querySelectorAll('br').length, s.textContent];")
+        assert table == [2, "Plans:| Plan | Seats || Team | 10 |"]  # a row a line (<br>), no rule line
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#conversations li"))
         browser.find_element(By.ID, "files").send_keys(str(note))
         wait.until(lambda d: "Added: 1" in d.find_element(By.ID, "upload-status").text)

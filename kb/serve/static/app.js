@@ -63,6 +63,8 @@ async function api(path, options = {}) {
 const CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef";
 const CJK_WRAP = new RegExp(`([${CJK}])[^\\S\\n]*\\n\\s*(?=[${CJK}])`, "g");
 const LABEL = /^\s*[^\s:：]{1,30}[:：]\s?\S/;
+const TABLE_ROW = /^\s*\|.*\|\s*$/;
+const TABLE_RULE = /^\s*\|?\s*:?-{3,}:?\s*(?:\|\s*:?-{3,}:?\s*)*\|?\s*$/;
 const LIST_ITEM = /^\s*(?:[（(][一二三四五六七八九十\d]{1,3}[)）]|[一二三四五六七八九十]{1,3}、)/;
 
 function startsUnit(text, before, after) {
@@ -79,18 +81,38 @@ function highlight(text, matches) {
     if (startsUnit(text, m.index, m.index + m[0].length)) continue;
     for (let i = m.index + 1; i < m.index + m[0].length; i++) drop.add(i);
   }
+  // a table's rows each on a line; its markdown rule line (|---|---|) is not shown
+  const breaks = new Set();
+  let pos = 0, before = "";
+  for (const line of text.split("\n")) {
+    if (pos > 0 && TABLE_RULE.test(line)) {
+      for (let i = pos - 1; i < pos + line.length; i++) drop.add(i);
+    } else if (pos > 0 && (TABLE_ROW.test(line) || TABLE_ROW.test(before))) {
+      breaks.add(pos - 1);
+    }
+    if (!TABLE_RULE.test(line)) before = line;
+    pos += line.length + 1;
+  }
   const piece = (a, b) => {
+    const parts = [];
     let s = "";
-    for (let i = a; i < b; i++) if (!drop.has(i)) s += text[i];
-    return s;
+    for (let i = a; i < b; i++) {
+      if (drop.has(i)) continue;
+      if (breaks.has(i)) {
+        parts.push(s, el("br"));
+        s = "";
+      } else s += text[i];
+    }
+    parts.push(s);
+    return parts;
   };
   const out = el("span");
   let last = 0;
   for (const [a, b] of matches || []) {
-    out.append(piece(last, a), el("mark", {}, piece(a, b)));
+    out.append(...piece(last, a), el("mark", {}, ...piece(a, b)));
     last = b;
   }
-  out.append(piece(last, text.length));
+  out.append(...piece(last, text.length));
   return out;
 }
 
