@@ -77,12 +77,23 @@ def standalone_question(kb, messages, question: str, *, extractive: bool | None 
     prompt = render_template("condense", kb.config_home, history=history, question=question)
     rewritten = complete(kb.generator, prompt, CONDENSE_TOKENS, seed=kb.settings.seed)
     rewritten = rewritten.splitlines()[0].strip() if rewritten else ""
-    # A small model sometimes answers instead of rewriting (a list item, a citation), switches language, or
-    # returns nothing: keep the user's own words then, which retrieval handles well.
+    # A small model sometimes answers instead of rewriting (a list item, a citation), switches language, drops
+    # what the follow-up asks about (SmolLM2-135M rewrote "And how much storage does it have?" into "The answer
+    # to this question is:" and "How many seats?" into the previous question), or returns nothing: then the
+    # user's own words, chosen as without a model.
     if not rewritten or len(rewritten) > 4 * len(question) + 200 or _ANSWER_LIKE.search(rewritten) \
-            or (unspaced_ratio(rewritten) >= 0.5) != (unspaced_ratio(question) >= 0.5):
-        return plain
+            or (unspaced_ratio(rewritten) >= 0.5) != (unspaced_ratio(question) >= 0.5) \
+            or not _keeps_terms(question, rewritten):
+        return _without_model(kb, question, plain, lock)
     return rewritten
+
+
+def _keeps_terms(question: str, rewritten: str) -> bool:
+    """Whether the rewrite still holds every content word of the follow-up (stemmed; CJK bigrams)."""
+    from kb.evidence import question_terms, stem
+
+    kept = {stem(t) for t in question_terms(rewritten)}
+    return all(stem(t) in kept for t in question_terms(question))
 
 
 def fit_history(kb, messages, summary: str, *, extractive: bool | None = None) -> tuple[int, str]:

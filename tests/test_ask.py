@@ -165,7 +165,8 @@ def test_chat_condenses_follow_ups_summarizes_and_resumes(ingested):
 def test_follow_ups_are_rewritten_only_by_a_model_that_writes_their_language(ingested, monkeypatch):
     """An English-only model "rewrote" the Chinese follow-up 日期格式呢？ into "4. 10. 日期格式：": kb keeps the
     user's words (with the previous question) where the model does not write the language, in extractive
-    mode, and when the rewrite answers instead (a list item, a citation) or switches language."""
+    mode, and when the rewrite answers instead (a list item, a citation), switches language or drops the
+    follow-up's words."""
     import dataclasses
 
     import kb.chat as chat_module
@@ -185,9 +186,15 @@ def test_follow_ups_are_rewritten_only_by_a_model_that_writes_their_language(ing
     assert standalone_question(kb, en, "And how is it pronounced?", extractive=True) \
         == f"{QUESTION} And how is it pronounced?"  # needs the previous question to mean anything
     assert len(generator.prompts) == asked
-    for reply in ("1. Alpha is a significance level [2]", "阿尔法是什么？"):
+    # a rewrite that answers, switches language or drops what the follow-up asks about ("statistics") is not
+    # used: the user's words, chosen as without a model
+    for reply in ("1. Alpha is a significance level [2]", "阿尔法是什么？", "The answer to this question is:",
+                  QUESTION):
         monkeypatch.setattr(chat_module, "complete", lambda *a, reply=reply, **k: reply)
-        assert standalone_question(kb, en, "And in statistics?") == f"{QUESTION} And in statistics?", reply
+        assert standalone_question(kb, en, "And in statistics?") == "And in statistics?", reply
+        assert standalone_question(kb, en, "And how is it pronounced?") == f"{QUESTION} And how is it pronounced?", reply
+    monkeypatch.setattr(chat_module, "complete", lambda *a, **k: "What is alpha in statistics?")
+    assert standalone_question(kb, en, "And in statistics?") == "What is alpha in statistics?"
 
 
 # --- the CLI, with the fake generator in place of llama.cpp -----------------------------------------

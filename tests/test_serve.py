@@ -365,7 +365,7 @@ def chromium() -> tuple[str, str] | None:
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(tmp_path_factory):
     found = chromium()
     if found is None:
         pytest.skip("needs Debian's chromium and chromium-driver (installed automatically when running as root)")
@@ -378,7 +378,12 @@ def browser():
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--lang=en-US", "--window-size=1280,900"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(found[1]), options=options)
+    # the profile and chromium's own scratch folders (org.chromium.Chromium.*) in pytest's temporary folder, not
+    # left behind in /tmp after every run
+    scratch = tmp_path_factory.mktemp("chromium")
+    options.add_argument(f"--user-data-dir={scratch / 'profile'}")
+    service = Service(found[1], env={**os.environ, "TMPDIR": str(scratch)})
+    driver = webdriver.Chrome(service=service, options=options)
     yield driver
     driver.quit()
 
