@@ -501,6 +501,9 @@ WEIGHTS = {
     "wording": 0.2,  # share of the question's neighbouring word pairs in the sentence (its phrasing)
     "defines": 0.2,  # a definition question ("什么是X？", "What is X?") and a sentence that opens by defining X
     "reference": -1.0,  # an entry of a reference list (see _REFERENCE_HEADING): it names a source, it states nothing
+    # a sentence with no word the question lacks only repeats it: a heading or a line of a table of contents
+    # ("C. STATUTORY DUTIES OF A STANDING TRUSTEE" for "What are the statutory duties of a standing trustee?")
+    "restates": -0.5,
 }
 
 # The sections of a web page, paper or wiki article that list sources rather than say anything: their entries
@@ -553,6 +556,7 @@ class Evidence:
     chunk_id: int = 0
     index: int = 0  # position of the (first) sentence in its passage
     last: int = 0  # position of the last sentence, when neighbouring sentences were joined
+    restates: bool = False  # holds no word the question does not: quoted only when nothing else is
 
     def to_dict(self) -> dict:
         return {"n": self.n, "text": self.text, "start": self.start, "end": self.end,
@@ -568,6 +572,7 @@ class _Sentence:
     inherited: frozenset[str] = frozenset()  # question terms it speaks of without naming them (see _inherit)
     share: float = 0.0  # ... counted at this share of their weight
     row: bool = False  # a row of a table below its first: it holds the column names (inherited) in full
+    restates: bool = False  # holds no word the question does not (a heading or table-of-contents line)
 
 
 def _sentences(passage: Passage, q: QuestionTerms) -> tuple[list[_Sentence], set[str]]:
@@ -579,6 +584,8 @@ def _sentences(passage: Passage, q: QuestionTerms) -> tuple[list[_Sentence], set
         for other in _SAME_WORD.get(t, ()):
             positions[t] = sorted(set(positions[t]) | set(_term_positions(tokens, term_units(other))))
     wanted = _question_ngrams(q.question)
+    # a yes-no or either-or question is answered in its own words ("丙烯颜料溶于汽油吗？" by "溶于汽油。")
+    asked = None if _YES_NO.search(q.question) else set(tokenize(q.question).keys)
     out = []
     for s, e in split_sentences(passage.text):
         lo, hi = bisect.bisect_left(starts, s), bisect.bisect_left(starts, e)
@@ -587,8 +594,31 @@ def _sentences(passage: Passage, q: QuestionTerms) -> tuple[list[_Sentence], set
         if wanted:
             keys = tokens.keys[lo:hi]
             wording = len(wanted & set(zip(keys, keys[1:]))) / len(wanted)
-        out.append(_Sentence(s, e, {t: p for t, p in found.items() if p}, wording))
+        page = _PAGE_REF.search(passage.text, s, e)  # "C. STATUTORY DUTIES OF A STANDING TRUSTEE1-2": a contents line
+        limit = page.start() if page else e
+        restates = any(found.values()) and asked is not None and \
+            not any(_new_word(passage.text, tokens, i, asked, limit) for i in range(lo, bisect.bisect_left(starts, limit)))
+        out.append(_Sentence(s, e, {t: p for t, p in found.items() if p}, wording, restates=restates))
     return out, {t for t, pos in positions.items() if pos}
+
+
+# the page number that ends a line of a table of contents: glued to the title (Word drops the tab), after dot
+# leaders, or after a tab
+_PAGE_REF = re.compile(r"(?:(?<=[^\W\d_])\d{1,4}(?:[-–]\d{1,4})?|(?:\s*\.{3,}\s*|\s*…+\s*|\t\s*)"
+                       r"(?:\d{1,4}(?:[-–]\d{1,4})?|[ivxlc]{1,6}))\s*$", re.I)
+_YES_NO = re.compile(r"^\s*(?:is|are|was|were|do|does|did|can|could|will|would|should|shall|has|have|had|may|might|"
+                     r"must)\b|\bor\b|[吗么][？?]?\s*$|还是|是否|是不是|有没有|能否|可否|能不能|会不会", re.I)
+
+
+def _new_word(text: str, tokens: _Tokens, i: int, asked: set[str], limit: int) -> bool:
+    """Whether token `i` (up to `limit`) says something the question does not: not one of its words (stemmed) or
+    characters, not a stop word, a grammar character or a lone letter (the "C." of a heading)."""
+    a, b = tokens.spans[i]
+    key = tokens.keys[i] if b <= limit else stem(text[a:limit])  # "TRUSTEE1" of "TRUSTEE1-2" is "trustee"
+    if key in asked or key in _CJK_FUNCTION_CHARS:
+        return False
+    word = text[a:min(b, limit)].lower()
+    return word not in STOP_WORDS and not (len(word) == 1 and word.isascii() and word.isalpha())
 
 
 # Words that say the same thing, each counting as the question's: the ways Chinese introduces another name.
@@ -763,7 +793,12 @@ def assess(q: QuestionTerms, passages: Sequence[Passage]) -> Assessment:
         # whether a passage is about the question rests on its rarest terms (the names): index weights here
         pcov = passage_coverage[passage.n]
         in_references = bool(_REFERENCE_HEADING.search(passage.heading or ""))
+        spans = [(x.start, x.end) for x in sentences]
         for i, s in enumerate(sentences):
+            # a short line quoted with the sentence after it ("The Pleistocene (P) epoch." + "Q stands for the
+            # Quaternary period.") says something after all
+            if s.restates and complete_sentence(passage.text, spans, i)[1] > i:
+                s.restates = False
             own = set(s.found)
             near = set().union(*(sentences[j].found.keys() for j in (i - 1, i + 1) if 0 <= j < len(sentences))) - own
             ctx = context - own - near
@@ -784,6 +819,7 @@ def assess(q: QuestionTerms, passages: Sequence[Passage]) -> Assessment:
                 "wording": s.wording,
                 "defines": float(bool(subject) and defines(text, subject)),
                 "reference": float(in_references or bool(_CITATION_LINE.match(text))),
+                "restates": float(s.restates),
             }
             window = own | near | ctx | (s.inherited if s.row else set())
             scored.append(Evidence(
@@ -791,7 +827,7 @@ def assess(q: QuestionTerms, passages: Sequence[Passage]) -> Assessment:
                 score=sum(WEIGHTS[name] * value for name, value in features.items()),
                 matches=_match_spans(tokenize(passage.text), s.found, s.start), typed=typed,
                 window_coverage=sum(q.weights[t] for t in window) / q.total if q.total else 0.0,
-                chunk_id=passage.chunk_id, index=i, last=i))
+                chunk_id=passage.chunk_id, index=i, last=i, restates=s.restates))
     # sums over sets of terms differ in their last bits between processes (string hashing is randomized): equal
     # scores are ranked by their place in the passages, so that the same question gets the same evidence
     scored.sort(key=lambda e: (-round(e.score, 9), e.n, e.start))
@@ -812,7 +848,7 @@ def assess(q: QuestionTerms, passages: Sequence[Passage]) -> Assessment:
 # pass on the calibration sets. Regenerate them with that script rather than editing by hand.
 ANSWERABILITY = {
     "spaced": ({"evidence": 2.494, "window_coverage": 1.52, "passage_coverage": 1.588, "passage_similarity": 0.966}, -3.118),
-    "unspaced": ({"evidence": 2.348, "window_coverage": 1.845, "passage_coverage": 1.965}, -2.137),
+    "unspaced": ({"evidence": 2.348, "window_coverage": 1.846, "passage_coverage": 1.965}, -2.137),
 }
 
 
@@ -882,6 +918,8 @@ def select_evidence(scored: list[Evidence], top: int = 3,
             continue
         if picked and picked[0].score > 0 and e.score < EVIDENCE_RATIO * picked[0].score:
             break  # the rest say much less than the best: noise to a reader (and to the model)
+        if picked and e.restates:
+            continue  # a heading that repeats the question tells the reader nothing
         quote = Evidence(**{**e.__dict__, "matches": list(e.matches)})
         if passages and e.n in passages:
             text, spans = passages[e.n]

@@ -465,6 +465,22 @@ def test_in_a_small_index_a_word_it_never_saw_weighs_as_its_rarest_word():
         q.weights["cancel"]  # a word seen more often still weighs less
 
 
+def test_a_line_that_only_repeats_the_question_is_not_evidence():
+    toc = "Table of Contents\nA. PURPOSE1-1\nB. ROLE OF UNITED STATES TRUSTEE1-1\nC. STATUTORY DUTIES OF A STANDING TRUSTEE1-2"
+    body = ("C. STATUTORY DUTIES OF A STANDING TRUSTEE\n\nThe standing trustee's primary statutory duties are set "
+            "forth in 11 U.S.C. § 1302, which incorporates some duties of chapter 7 trustees.")
+    q = prepare_question("What are the statutory duties of a standing trustee?", flat_doc_freqs)
+    evidence = assess(q, [Passage(n=1, text=body), Passage(n=2, text=toc)]).evidence(3)
+    assert evidence[0].text.startswith("The standing trustee's primary statutory duties are set forth in 11 U.S.C.")
+    assert all("STATUTORY DUTIES OF A STANDING TRUSTEE" not in e.text for e in evidence)  # headings say nothing
+    # a yes-no question is answered in its own words; a short line quoted with the next one says something
+    q = prepare_question("丙烯颜料溶于汽油吗？", flat_doc_freqs)
+    assert assess(q, [Passage(n=1, text="丙烯颜料溶于水。丙烯颜料溶于汽油。")]).evidence(1)[0].text == "丙烯颜料溶于汽油。"
+    q = prepare_question("The Pleistocene epoch takes place during which period?", flat_doc_freqs)
+    text = "The timeline shows eras. The Pleistocene (P) epoch. Q stands for the Quaternary period."
+    assert "Quaternary" in assess(q, [Passage(n=1, text=text)]).evidence(1)[0].text
+
+
 def test_a_sentence_in_the_question_s_own_words_wins_a_tie(monkeypatch):
     import kb.evidence
 
