@@ -38,14 +38,77 @@ def _context_prefix(title: str, heading: str) -> str:
 def chunk_document(doc: ParsedDocument, tokenizer: Tokenizer, max_tokens: int, overlap: int) -> list[PreparedChunk]:
     out: list[PreparedChunk] = []
     for section in doc.sections:
+        text = without_contents(section.text)
+        if not text.strip():
+            continue
         heading = " > ".join(h for h in section.headings if h)
         prefix = _fit_prefix(_context_prefix(doc.title, heading), tokenizer, max_tokens // 4)
         prefix_tokens = tokenizer.count(prefix)
         budget = max_tokens - prefix_tokens
-        for text, n in split_text(section.text, tokenizer, budget, min(overlap, budget // 4)):
-            chunk = Chunk(text=text, ord=len(out), heading=heading, page=section.page, n_tokens=prefix_tokens + n)
-            out.append(PreparedChunk(chunk=chunk, embed_text=prefix + text))
+        for piece, n in split_text(text, tokenizer, budget, min(overlap, budget // 4)):
+            chunk = Chunk(text=piece, ord=len(out), heading=heading, page=section.page, n_tokens=prefix_tokens + n)
+            out.append(PreparedChunk(chunk=chunk, embed_text=prefix + piece))
     return _within_limit(out, tokenizer, max_tokens)
+
+
+# A table of contents lists the headings with their pages: indexed, its lines outrank the sections they name
+# (they hold every word of a heading) and answer nothing. An entry ends with its page after dot leaders, a tab
+# or a wide gap ("Wager Notes ........298"), or glued on where Word drops the tab ("A. PURPOSE1-1").
+_CONTENTS_ENTRY = re.compile(r"^(?P<title>\S.{0,150}?)(?:\s*(?:\.{3,}|…{2,}|·{3,})\s*|\t+\s*| {3,})"
+                             r"(?P<page>\d{1,4}|[ivxlc]{1,6})\s*$|^(?P<title2>\S.{0,150}?[^\W\d_])(?P<page2>\d{1,3}-\d{1,4})\s*$", re.I)
+_CONTENTS_HEADING = re.compile(r"^\s*(?:table of contents|contents|目\s*录|inhalt|sommaire|índice|indice)\s*$", re.I)
+_ENTRIES_ALONE = 5  # a run of entries this long is a table of contents even without a "Contents" line above it
+
+
+def without_contents(text: str) -> str:
+    """`text` without its table-of-contents lines: runs of entries whose pages never go down (at least
+    _ENTRIES_ALONE of them, or 3 under a "Contents" line), with short unnumbered lines between entries (a
+    chapter's title) and the "Contents" line itself. Everything else stays as it was."""
+    lines = text.split("\n")
+    drop: set[int] = set()
+    i = 0
+    while i < len(lines):
+        run, last_page, j, gap = [], (-1, -1), i, []
+        while j < len(lines):
+            m = _CONTENTS_ENTRY.match(lines[j].strip())
+            if m:
+                page = _page_key(m.group("page") or m.group("page2"))
+                if page is not None and page < last_page:
+                    break
+                last_page = page if page is not None else last_page
+                run += gap + [j]
+                gap = []
+            elif not lines[j].strip():
+                gap.append(j)
+            elif run and len(lines[j].strip()) <= 120 and sum(1 for k in gap if lines[k].strip()) < 2:
+                gap.append(j)  # a chapter's title between entries, or an entry's title wrapped onto two lines
+            else:
+                break
+            j += 1
+        entries = sum(1 for k in run if _CONTENTS_ENTRY.match(lines[k].strip()))
+        # above the first entry: the "Contents" line, perhaps with a chapter's title or two between
+        above = [k for k in range(i - 1, max(i - 8, -1), -1) if lines[k].strip()][:3]
+        head = next((n for n, k in enumerate(above) if _CONTENTS_HEADING.match(lines[k])), None)
+        if entries >= _ENTRIES_ALONE or (head is not None and entries >= 3):
+            drop.update(run)
+            if head is not None:
+                drop.update(above[: head + 1])
+            i = max(run) + 1
+        else:
+            i += 1
+    if not drop:
+        return text
+    return "\n".join(line for k, line in enumerate(lines) if k not in drop)
+
+
+def _page_key(page: str) -> tuple[int, int] | None:
+    """A page reference as a sortable key: 12 -> (0, 12), 2-1 -> (2, 1); roman numerals (front matter) -> None."""
+    if page.isdigit():
+        return 0, int(page)
+    if "-" in page:
+        a, b = page.split("-")
+        return int(a), int(b)
+    return None
 
 
 # Counts summed over pieces can differ from the count of their concatenation by a few tokens at each cut.

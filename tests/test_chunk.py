@@ -70,3 +70,26 @@ def test_long_heading_prefix_is_capped(tok):
     chunks = chunk_document(_doc("body text", title="word " * 400), tok, 254, 32)
     assert tok.count(chunks[0].embed_text) <= 254
     assert "body text" in chunks[0].embed_text
+
+
+def test_a_table_of_contents_is_not_indexed(tok):
+    from ingest.chunk import without_contents
+
+    toc = "\n".join(f"Chapter {i} .................... {i * 7}" for i in range(1, 8))
+    text = f"My Guide\n\nTable of Contents\n{toc}\n\nChapter 1\nThe guide begins here. It explains everything."
+    assert without_contents(text) == "My Guide\n\n\nChapter 1\nThe guide begins here. It explains everything."
+    # Word drops the tab before the page ("A. PURPOSE1-1"); chapter titles sit between the entries
+    word = ("Table of Contents\n\nCHAPTER 1 - INTRODUCTION\n\nA. PURPOSE1-1\n\nB. ROLE OF THE TRUSTEE1-1\n\n"
+            "CHAPTER 2 – APPOINTMENT\n\nA. ELIGIBILITY2-1\n\nB. RECRUITMENT2-1\n\nCHAPTER 1\n\nINTRODUCTION")
+    assert without_contents(word).split() == ["CHAPTER", "1", "INTRODUCTION"]
+    zh = "目录\n一、编程规约 ........ 1\n(一) 命名风格 ........ 1\n(二) 常量定义 ........ 3\n正文从这里开始。"
+    assert without_contents(zh) == "正文从这里开始。"
+    # what only looks like one stays: prices that go down, three entries with no "Contents" above them
+    prices = "Menu\nEspresso ........ 4\nLatte ........ 5\nMocha ........ 3\nTea ........ 2\nCake ........ 6\nJuice ........ 5"
+    assert without_contents(prices) == prices
+    short = "Steps\nInstall ..... 1\nConfigure ..... 2\nRun ..... 3"
+    assert without_contents(short) == short
+    chunks = chunk_document(ParsedDocument(path="x", file_type="pdf", title="T", sections=[
+        Section(text=f"Table of Contents\n{toc}", headings=["Table of Contents"], page=1),
+        Section(text="The guide begins here.", headings=["Chapter 1"], page=2)]), tok, 254, 32)
+    assert [c.chunk.text for c in chunks] == ["The guide begins here."]
