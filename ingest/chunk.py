@@ -41,7 +41,8 @@ def chunk_document(doc: ParsedDocument, tokenizer: Tokenizer, max_tokens: int, o
         text = without_contents(section.text)
         if not text.strip():
             continue
-        heading = " > ".join(h for h in section.headings if h)
+        # a PDF whose contents page is titled "目录" had every later heading under it ("目录 > 一、编程规约")
+        heading = " > ".join(h for h in section.headings if h and not _CONTENTS_HEADING.match(h))
         prefix = _fit_prefix(_context_prefix(doc.title, heading), tokenizer, max_tokens // 4)
         prefix_tokens = tokenizer.count(prefix)
         budget = max_tokens - prefix_tokens

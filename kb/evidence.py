@@ -880,11 +880,19 @@ def _match_spans(tokens: _Tokens, found: dict[str, list[int]], start: int) -> li
 # --- selection ------------------------------------------------------------------------------------
 
 
+_OPENERS = {"】": "【", "」": "「", "』": "『", "”": "“", "》": "《"}  # not ")": "1) Install" opens a list item
+
+
 def opens_mid_sentence(e: Evidence) -> bool:
-    """Whether a quote is the start of its passage and opens in lower case: neighbouring passages overlap, so
-    a passage may begin inside a sentence, and the reader is shown "…" before it."""
+    """Whether a quote is the start of its passage and opens inside a sentence: in lower case, or with a
+    bracket closed before it is opened ("制】线程资源必须..." after a PDF page ended on "【强"). Neighbouring
+    passages overlap and PDF pages cut sentences, and the reader is shown "…" before such a quote."""
     if e.start != 0:
         return False
+    head = e.text.lstrip()[:4]
+    for i, ch in enumerate(head):
+        if ch in _OPENERS and _OPENERS[ch] not in head[:i]:
+            return True
     first = next((ch for ch in e.text if ch.isalpha()), "")
     return first.islower()
 

@@ -93,3 +93,7 @@ def test_a_table_of_contents_is_not_indexed(tok):
         Section(text=f"Table of Contents\n{toc}", headings=["Table of Contents"], page=1),
         Section(text="The guide begins here.", headings=["Chapter 1"], page=2)]), tok, 254, 32)
     assert [c.chunk.text for c in chunks] == ["The guide begins here."]
+    # a contents page's title is no heading of what follows it ("目录 > 一、编程规约")
+    chunks = chunk_document(ParsedDocument(path="x", file_type="pdf", title="T", sections=[
+        Section(text="线程资源必须通过线程池提供。", headings=["目录", "一、编程规约"], page=3)]), tok, 254, 32)
+    assert chunks[0].chunk.heading == "一、编程规约"

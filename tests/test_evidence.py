@@ -545,6 +545,12 @@ def test_an_extractive_answer_quotes_the_runner_up_only_when_it_scores_almost_as
     assert extractive_text([fragment]) == "…paid days off that an employee can carry over. [2]"
     fragment.start = 10
     assert extractive_text([fragment]) == "paid days off that an employee can carry over. [2]"
+    # a PDF page that ended on "【强": the next page's passage opens with a bracket it never opened
+    cut = Evidence(n=1, text="制】线程资源必须通过线程池提供。", start=0, end=16, score=1.0)
+    assert extractive_text([cut]) == "…制】线程资源必须通过线程池提供。 [1]"
+    whole = Evidence(n=1, text="【强制】线程资源必须通过线程池提供。", start=0, end=18, score=1.0)
+    listed = Evidence(n=1, text="1) Install the package.", start=0, end=23, score=1.0)
+    assert [extractive_text([e])[0] for e in (whole, listed)] == ["【", "1"]
 
 
 def test_a_chinese_sentence_without_its_subject_speaks_of_the_passage_s_topic(monkeypatch):

@@ -75,6 +75,13 @@ function startsUnit(text, before, after) {
   return LIST_ITEM.test(following) || (LABEL.test(previous) && LABEL.test(following));
 }
 
+const OPENERS = { "】": "【", "」": "「", "』": "『", "”": "“", "》": "《" };
+
+function openedBefore(text) {
+  const head = [...text.trimStart()].slice(0, 4);
+  return head.some((ch, i) => ch in OPENERS && !head.slice(0, i).includes(OPENERS[ch]));
+}
+
 function highlight(text, matches) {
   const drop = new Set();
   for (const m of text.matchAll(CJK_WRAP)) {
@@ -131,8 +138,9 @@ function renderEvidence(box, answer) {
     const list = el("ul", { class: "evidence", "data-testid": "evidence" });
     for (const e of answer.evidence) {
       const source = byN[e.n];
-      // a passage may begin inside a sentence (neighbours overlap): "…" says words come before it
-      const lead = e.start === 0 && /^[^\p{L}]*\p{Ll}/u.test(e.text) ? "…" : "";
+      // a passage may begin inside a sentence (neighbours overlap, a PDF page ends mid-sentence): "…" says words
+      // come before it (kb.evidence.opens_mid_sentence: lower case, or "制】" with its "【" on the page before)
+      const lead = e.start === 0 && (/^[^\p{L}]*\p{Ll}/u.test(e.text) || openedBefore(e.text)) ? "…" : "";
       list.append(el("li", {}, el("span", {}, `[${e.n}] ${lead}`), highlight(e.text, e.matches),
                      source ? el("div", { class: "where" }, whereText(source)) : ""));
     }
