@@ -53,10 +53,13 @@ def chunk_document(doc: ParsedDocument, tokenizer: Tokenizer, max_tokens: int, o
 
 
 # A table of contents lists the headings with their pages: indexed, its lines outrank the sections they name
-# (they hold every word of a heading) and answer nothing. An entry ends with its page after dot leaders, a tab
-# or a wide gap ("Wager Notes ........298"), or glued on where Word drops the tab ("A. PURPOSE1-1").
-_CONTENTS_ENTRY = re.compile(r"^(?P<title>\S.{0,150}?)(?:\s*(?:\.{3,}|…{2,}|·{3,})\s*|\t+\s*| {3,})"
-                             r"(?P<page>\d{1,4}|[ivxlc]{1,6})\s*$|^(?P<title2>\S.{0,150}?[^\W\d_])(?P<page2>\d{1,3}-\d{1,4})\s*$", re.I)
+# (they hold every word of a heading) and answer nothing. An entry ends with its page after dot leaders or a
+# tab ("Wager Notes ........298"), or glued on where Word drops the tab ("A. PURPOSE1-1").
+# A title holds a letter, and a wide gap of spaces is no leader: "2019    120" / "2020    135" is a table of
+# figures that go up, not a table of contents.
+_CONTENTS_ENTRY = re.compile(r"^(?P<title>(?=.{0,150}?[^\W\d_])\S.{0,150}?)(?:\s*(?:\.{3,}|…{2,}|·{3,})\s*|\t+\s*)"
+                             r"(?P<page>\d{1,4}|[ivxlc]{1,6})\s*$|^(?P<title2>\S.{0,150}?[^\W\d_])(?P<page2>\d{1,3}-\d{1,4})\s*$"
+                             r"|^(?:\.{3,}|…{2,}|·{3,})\s*(?P<page3>\d{1,4})\s*$", re.I)  # the leader of a wrapped title
 _CONTENTS_HEADING = re.compile(r"^\s*(?:table of contents|contents|目\s*录|inhalt|sommaire|índice|indice)\s*$", re.I)
 _ENTRIES_ALONE = 5  # a run of entries this long is a table of contents even without a "Contents" line above it
 
@@ -73,7 +76,7 @@ def without_contents(text: str) -> str:
         while j < len(lines):
             m = _CONTENTS_ENTRY.match(lines[j].strip())
             if m:
-                page = _page_key(m.group("page") or m.group("page2"))
+                page = _page_key(m.group("page") or m.group("page2") or m.group("page3"))
                 if page is not None and page < last_page:
                     break
                 last_page = page if page is not None else last_page

@@ -89,6 +89,8 @@ def test_a_table_of_contents_is_not_indexed(tok):
     assert without_contents(prices) == prices
     short = "Steps\nInstall ..... 1\nConfigure ..... 2\nRun ..... 3"
     assert without_contents(short) == short
+    figures = "Revenue\n" + "\n".join(f"{year}    {100 + 10 * i}" for i, year in enumerate(range(2015, 2024)))
+    assert without_contents(figures) == figures  # figures that go up, in columns
     chunks = chunk_document(ParsedDocument(path="x", file_type="pdf", title="T", sections=[
         Section(text=f"Table of Contents\n{toc}", headings=["Table of Contents"], page=1),
         Section(text="The guide begins here.", headings=["Chapter 1"], page=2)]), tok, 254, 32)
