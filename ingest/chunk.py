@@ -72,7 +72,7 @@ def without_contents(text: str) -> str:
     drop: set[int] = set()
     i = 0
     while i < len(lines):
-        run, last_page, j, gap = [], (-1, -1), i, []
+        run, last_page, j, gap, entries = [], (-1, -1), i, [], 0
         while j < len(lines):
             m = _CONTENTS_ENTRY.match(lines[j].strip())
             if m:
@@ -82,6 +82,7 @@ def without_contents(text: str) -> str:
                 last_page = page if page is not None else last_page
                 run += gap + [j]
                 gap = []
+                entries += 1
             elif not lines[j].strip():
                 gap.append(j)
             elif run and len(lines[j].strip()) <= 120 and sum(1 for k in gap if lines[k].strip()) < 2:
@@ -89,11 +90,13 @@ def without_contents(text: str) -> str:
             else:
                 break
             j += 1
-        entries = sum(1 for k in run if _CONTENTS_ENTRY.match(lines[k].strip()))
+        if entries < 3:  # no table of contents starts here (most lines of every document)
+            i += 1
+            continue
         # above the first entry: the "Contents" line, perhaps with a chapter's title or two between
         above = [k for k in range(i - 1, max(i - 8, -1), -1) if lines[k].strip()][:3]
         head = next((n for n, k in enumerate(above) if _CONTENTS_HEADING.match(lines[k])), None)
-        if entries >= _ENTRIES_ALONE or (head is not None and entries >= 3):
+        if entries >= _ENTRIES_ALONE or head is not None:
             drop.update(run)
             if head is not None:
                 drop.update(above[: head + 1])

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Callable, Sequence
 
-from kb.text import has_unspaced, is_unspaced, lexical_terms, unspaced_ratio
+from kb.text import LABEL, TABLE_ROW_LINE, has_unspaced, is_unspaced, lexical_terms, unspaced_ratio
 
 # --- sentences ------------------------------------------------------------------------------------
 
@@ -55,8 +55,8 @@ _WEST_END = re.compile(rf"[.!?]+{_CLOSER_CLASS}*{_MARKS}(?=\s)")
 _CJK_END = re.compile(rf"(?:[。！？!?]|…+|\.{{3,}}){_CLOSER_CLASS}*{_MARKS}")
 _LIST_START = re.compile(r"^\s*(?:[-*+•·▪◦‣]\s|\d{1,3}[.)、]\s?|[a-zA-Z][.)]\s|\(\d{1,3}\)\s?|[（(][一二三四五六七八九十]+[)）])")
 _TABLE_ROW = re.compile(r"^\s*\|.*\|\s*$|\t.*\t|(?:\S+ {3,}){2,}\S")
-_TABLE_LINE = re.compile(r"\s*\|.*\|\s*$")  # a row as kb writes tables ("| 5-10年 | 10天 |")
-_KEY_VALUE = re.compile(r"^\s*[^\n]{1,60}?\s(?:--|—|–|=>|->)\s\S|^\s*[^\s:：]{1,30}[:：]\s?\S")
+_TABLE_LINE = re.compile(TABLE_ROW_LINE)
+_KEY_VALUE = re.compile(rf"^\s*[^\n]{{1,60}}?\s(?:--|—|–|=>|->)\s\S|^{LABEL}")
 _SHORT_LINE = 40
 MAX_SENTENCE_CHARS = 500  # longer "sentences" (no punctuation, flattened tables) are cut at clauses
 MAX_SENTENCE_CHARS_CJK = 250
@@ -594,10 +594,12 @@ def _sentences(passage: Passage, q: QuestionTerms) -> tuple[list[_Sentence], set
         if wanted:
             keys = tokens.keys[lo:hi]
             wording = len(wanted & set(zip(keys, keys[1:]))) / len(wanted)
-        page = _PAGE_REF.search(passage.text, s, e)  # "C. STATUTORY DUTIES OF A STANDING TRUSTEE1-2": a contents line
-        limit = page.start() if page else e
-        restates = any(found.values()) and asked is not None and \
-            not any(_new_word(passage.text, tokens, i, asked, limit) for i in range(lo, bisect.bisect_left(starts, limit)))
+        restates = False
+        if asked is not None and any(found.values()):
+            page = _PAGE_REF.search(passage.text, s, e)  # "C. STATUTORY DUTIES OF A STANDING TRUSTEE1-2": contents
+            limit = page.start() if page else e
+            restates = not any(_new_word(passage.text, tokens, i, asked, limit)
+                               for i in range(lo, bisect.bisect_left(starts, limit)))
         out.append(_Sentence(s, e, {t: p for t, p in found.items() if p}, wording, restates=restates))
     return out, {t for t, pos in positions.items() if pos}
 

@@ -23,8 +23,8 @@ _CJK_SIDE = f"[{_UNSPACED}\u3000-\u303f\uff00-\uffef]"
 _ANSI = "(?:\x1b\\[[0-9;]*m)*"
 _CJK_WRAP = f"({_CJK_SIDE}{_ANSI})[^\\S\\n]*\\n\\s*(?={_ANSI}{_CJK_SIDE})"  # compiled on first use (start-up time)
 _TABLE_RULE = r"\s*\|?\s*:?-{3,}:?\s*(?:\|\s*:?-{3,}:?\s*)*\|?\s*"  # |------|:---:|
-_TABLE_ROW_LINE = r"\s*\|.*\|\s*$"
-_LABEL = r"\s*[^\s:：]{1,30}[:：]\s?\S"  # "金额合计：人民币" (a line of a form)
+TABLE_ROW_LINE = r"\s*\|.*\|\s*$"  # a row as kb writes tables ("| 5-10年 | 10天 |")
+LABEL = r"\s*[^\s:：]{1,30}[:：]\s?\S"  # "金额合计：人民币" (a line of a form)
 _LIST_ITEM = r"\s*(?:[（(][一二三四五六七八九十\d]{1,3}[)）]|[一二三四五六七八九十]{1,3}、)"
 
 
@@ -77,7 +77,7 @@ def flatten(text: str, *, rows: bool = False) -> str:
     ("购买方：上海明远科技有限公司" / "金额合计：人民币 3,260.00 元", "（一）...") is not a wrap: it stays, as a space.
     A markdown table's rule line (|---|---|) is dropped; with `rows`, each table row keeps a line of its own."""
     def join(m: re.Match) -> str:
-        return m.group(0) if line_starts_unit(text, m.start(), m.end()) else m.group(1)
+        return m.group(0) if _line_starts_unit(text, m.start(), m.end()) else m.group(1)
 
     lines = [line for line in re.sub(_CJK_WRAP, join, text).split("\n") if not re.fullmatch(_TABLE_RULE, line)]
     if not rows:
@@ -88,7 +88,7 @@ def flatten(text: str, *, rows: bool = False) -> str:
         line = " ".join(line.split())
         if not line:
             continue
-        was_row, row = row, bool(re.match(_TABLE_ROW_LINE, re.sub(_ANSI, "", line)))
+        was_row, row = row, bool(re.match(TABLE_ROW_LINE, re.sub(_ANSI, "", line)))
         if out and not row and not was_row:
             out[-1] += " " + line
         else:
@@ -96,7 +96,7 @@ def flatten(text: str, *, rows: bool = False) -> str:
     return "\n".join(out)
 
 
-def line_starts_unit(text: str, before: int, after: int) -> bool:
+def _line_starts_unit(text: str, before: int, after: int) -> bool:
     """Whether the line break between `text[before]` and `text[after]` starts a new line of a form (both lines
     are labelled, "金额合计：...") or a list item ("（二）", "三、"), rather than wrapping a line."""
     start = text.rfind("\n", 0, before) + 1
@@ -104,7 +104,7 @@ def line_starts_unit(text: str, before: int, after: int) -> bool:
     previous, following = (re.sub(_ANSI, "", s) for s in (text[start:before + 1], text[after:] if end < 0 else text[after:end]))
     if re.match(_LIST_ITEM, following):
         return True
-    return bool(re.match(_LABEL, previous) and re.match(_LABEL, following))
+    return bool(re.match(LABEL, previous) and re.match(LABEL, following))
 
 
 def lcs_length(a: list[str], b: list[str]) -> int:
