@@ -152,6 +152,21 @@ def test_unanswerable_with_related_documents_scores_lower():
     assert assess(q, [answering]).answerability > assess(q, [related]).answerability
 
 
+def test_a_number_the_question_names_must_be_in_the_evidence():
+    q = prepare_question("谁赢得了第 49 届超级碗？", flat_doc_freqs)
+    other = assess(q, [Passage(n=1, text="丹佛野马队赢得了第 50 届超级碗，以 24 比 10 击败卡罗莱纳黑豹队。")])
+    answering = assess(q, [Passage(n=1, text="新英格兰爱国者队赢得了第 49 届超级碗，以 28 比 24 击败西雅图海鹰队。")])
+    assert other.signals["number_missing"] == 1.0 and answering.signals["number_missing"] == 0.0
+    assert answering.answerability > other.answerability
+    # digit groups are compared whole: "49" is not in "1949"; "16,000" is "16000"
+    q = prepare_question("What happened in 49?", flat_doc_freqs)
+    assert assess(q, [Passage(n=1, text="What happened in 1949 was a war.")]).signals["number_missing"] == 1.0
+    q = prepare_question("Which forest has 16,000 tree species?", flat_doc_freqs)
+    assert assess(q, [Passage(n=1, text="The forest holds 16000 tree species.")]).signals["number_missing"] == 0.0
+    q = prepare_question("Who won the Super Bowl?", flat_doc_freqs)
+    assert assess(q, [Passage(n=1, text="The Broncos won it.")]).signals["number_missing"] == 0.0
+
+
 def test_bad_questions_and_passages_never_crash():
     passage = Passage(n=1, text="Alpha is the first letter of the Greek alphabet.")
     for question in ("what is it?", "???", "Ποιο είναι το πρώτο γράμμα;", "اين المكتبة؟", ""):
