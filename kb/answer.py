@@ -13,10 +13,10 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from kb.evidence import (STOP_WORDS, Evidence, answer_type, join_adjacent, opens_mid_sentence, question_terms,
-                         term_units, tokenize, type_candidates)
+                         split_sentences, term_units, tokenize, type_candidates)
 from kb.generator import Generator
 from kb.text import flatten, unspaced_ratio
 from kb.types import Hit
@@ -151,6 +151,8 @@ UNSUPPORTED_NOTICE = ("The model's answer was not supported by the passages it c
                       "the answer is the evidence itself, quoted from your documents.")
 UNTYPED_NOTICE = ("The model's answer did not say what was asked ({kind}); "
                   "the answer is the evidence itself, quoted from your documents.")
+REPEATED_NOTICE = ("The model repeated an earlier answer of this conversation; "
+                   "the answer is the evidence itself, quoted from your documents.")
 OVERRULED_NOTICE = ("The model said the documents do not answer this, but they hold strong evidence for it; "
                     "the answer is the evidence itself, quoted from your documents.")
 
@@ -173,6 +175,26 @@ def support(body: str, question: str, sources: list[Source]) -> float:
 
 _KIND_WORDS = {"date": "a date or time", "number": "a number or amount", "person": "a name", "place": "a place"}
 _CLAUSES = re.compile(r"[,;:，；：。！？!?]\s*|\.\s+|\s+(?:and|but|while|whereas)\s+", re.I)
+
+
+def _said(text: str) -> list[str]:
+    """The sentences of `text` as their words (citation marks, framing and case aside), those of 4 words or more."""
+    text = _CITATION_MARK.sub(" ", text)
+    out = []
+    for start, end in split_sentences(text):
+        words = tokenize(_FRAMING.sub("", text[start:end].strip())).keys
+        if len(words) >= 4:
+            out.append(" ".join(words))
+    return out
+
+
+def repeats_earlier(body: str, earlier: Sequence[str]) -> bool:
+    """Whether a sentence of the answer is, word for word, a sentence of an earlier answer of the conversation.
+    A small model copies the history it is shown: after "What is the taxi receipt deadline?" the bundled model
+    answered the follow-up "And for meals?" with "According to [1], the taxi receipt deadline is 30 days."
+    again."""
+    before = {s for text in earlier for s in _said(text)}
+    return bool(before) and any(s in before for s in _said(body))
 
 
 def states_asked_type(body: str, question: str) -> bool:
@@ -379,7 +401,7 @@ class AnswerStream:
                  timings: dict, pieces: Iterator[str] | None, on_done: Callable[[Answer], None] | None,
                  text: str = "", prefill: str = "", evidence: list[Evidence] | None = None,
                  answerability: float = 0.0, extractive: bool = False, notice: str = "",
-                 fallback: str = "", refusal_fallback: str = ""):
+                 fallback: str = "", refusal_fallback: str = "", earlier: Sequence[str] = ()):
         self.question = question
         self.standalone = standalone
         self.sources = sources
@@ -397,6 +419,7 @@ class AnswerStream:
         self._prefill = prefill
         self._fallback = fallback  # the extractive answer that replaces a generated one the passages do not support
         self._refusal_fallback = refusal_fallback  # ... that replaces the model's refusal (strong evidence only)
+        self._earlier = earlier  # the conversation's earlier answers, which the answer must not repeat
         self._overruled = False
         self._generated = ""
         self._support: float | None = None
@@ -469,6 +492,9 @@ class AnswerStream:
                 notice = UNTYPED_NOTICE.format(kind=asked_type_words(self.standalone))
                 yield from self._replace(text, self._fallback, notice)
                 text = self._fallback
+            elif repeats_earlier(body, self._earlier):
+                yield from self._replace(text, self._fallback, REPEATED_NOTICE)
+                text = self._fallback
         self._finish(text)
 
     def _replace(self, generated: str, text: str, notice: str) -> Iterator[str]:
@@ -503,4 +529,4 @@ class AnswerStream:
 
 __all__ = ["Answer", "AnswerStream", "Source", "CitationFilter", "pack_passages", "refusal_text", "tidy",
            "evidence_block", "extractive_text", "support", "SUPPORTED", "OVERRULED_NOTICE",
-           "states_asked_type"]
+           "states_asked_type", "repeats_earlier", "REPEATED_NOTICE"]

@@ -352,7 +352,8 @@ class KnowledgeBase:
         return AnswerStream(sources=prompt.sources, refused=False, model=generator.model_id, pieces=pieces,
                             prefill=prompt.prefill, evidence=prompt.evidence,
                             fallback=quoted if s.check_support else "",
-                            refusal_fallback=quoted if strong else "", **common)
+                            refusal_fallback=quoted if strong else "",
+                            earlier=[m["content"] for m in history or () if m.get("role") == "assistant"], **common)
 
     @staticmethod
     def usable_passages(assessment: Assessment, passages: list[Passage], hits: list[Hit],

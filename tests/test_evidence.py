@@ -282,6 +282,19 @@ def test_an_answer_that_does_not_say_what_was_asked_is_replaced_by_the_evidence(
         assert not answer.generated and not answer.notice and "Jan 9, 2015" in answer.text, reply
 
 
+def test_an_answer_that_repeats_an_earlier_answer_of_the_conversation_is_replaced_by_the_evidence(releases_kb):
+    question = "What does reaching alpha mean?"
+    earlier = [{"role": "user", "content": "When is Quill 1.0.0-beta?"},
+               {"role": "assistant", "content": "According to [1], Quill 1.0.0-beta comes in the week of Feb 16, 2015."}]
+    echo = FakeGenerator(reply="Quill 1.0.0-beta comes in the week of Feb 16, 2015 [1]. The language is feature-complete.")
+    answer = releases_kb(generator=echo).ask(question, history=earlier)
+    assert "repeated an earlier answer" in answer.notice and "feature-complete" in answer.text
+    assert "Feb 16" in answer.generated and "Feb 16" not in answer.text
+    fresh = FakeGenerator(reply="Reaching alpha means the language is feature-complete [1].")
+    answer = releases_kb(generator=fresh).ask(question, history=earlier)
+    assert not answer.notice and not answer.generated and "feature-complete" in answer.text
+
+
 def test_states_asked_type_reads_the_clause_about_the_question():
     from kb.answer import states_asked_type
 
