@@ -173,28 +173,52 @@ def support(body: str, question: str, sources: list[Source]) -> float:
     return sum(1 for k in words if k in known) / len(words)
 
 
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def _number_set(text: str) -> set[str]:
+    return {m.group().replace(",", "").rstrip(".") for m in _NUMBER.finditer(text)}
+
+
+def invented_numbers(body: str, question: str, sources: list[Source]) -> list[str]:
+    """The numbers of an answer that neither the question nor the sources it cites (all of them, when it cites
+    none) hold. A number is the fact a reader acts on, and one word in eight is not much of the support share:
+    asked "What about hotfixes?" over "Version 3.3 follows six weeks later.", the bundled model wrote "Version
+    3.4 follows six weeks later.", every other word in the passage."""
+    said = _number_set(_CITATION_MARK.sub(" ", body))
+    if not said:
+        return []
+    cited = [s for s in sources if s.cited] or sources
+    known = _number_set(question)
+    for source in cited:
+        known |= _number_set(f"{source.title}\n{source.heading}\n{source.text}")
+    return sorted(said - known)
+
+
 _KIND_WORDS = {"date": "a date or time", "number": "a number or amount", "person": "a name", "place": "a place"}
 _CLAUSES = re.compile(r"[,;:，；：。！？!?]\s*|\.\s+|\s+(?:and|but|while|whereas)\s+", re.I)
 
 
-def _said(text: str) -> list[str]:
-    """The sentences of `text` as their words (citation marks, framing and case aside), those of 4 words or more."""
-    text = _CITATION_MARK.sub(" ", text)
-    out = []
-    for start, end in split_sentences(text):
-        words = tokenize(_FRAMING.sub("", text[start:end].strip())).keys
-        if len(words) >= 4:
-            out.append(" ".join(words))
-    return out
+def _content_words(text: str) -> set[str]:
+    return {k for k in tokenize(_FRAMING.sub("", _CITATION_MARK.sub(" ", text).strip())).keys if k not in STOP_WORDS}
 
 
 def repeats_earlier(body: str, earlier: Sequence[str]) -> bool:
-    """Whether a sentence of the answer is, word for word, a sentence of an earlier answer of the conversation.
-    A small model copies the history it is shown: after "What is the taxi receipt deadline?" the bundled model
-    answered the follow-up "And for meals?" with "According to [1], the taxi receipt deadline is 30 days."
-    again."""
-    before = {s for text in earlier for s in _said(text)}
-    return bool(before) and any(s in before for s in _said(body))
+    """Whether a sentence of the answer says nothing that one earlier answer of the conversation did not (its
+    content words, 3 or more, are all in that answer). A small model copies the history it is shown: after
+    "What is the taxi receipt deadline?" the bundled model answered the follow-up "And for meals?" with
+    "According to [1], the taxi receipt deadline is 30 days." again, and "And version 3.3?" after "When is
+    version 3.2 released?" with "version 3.2 is released on March 14, 2025"."""
+    before = [_content_words(text) for text in earlier]
+    before = [words for words in before if words]
+    if not before:
+        return False
+    text = _CITATION_MARK.sub(" ", body)
+    for start, end in split_sentences(text):
+        words = _content_words(text[start:end])
+        if len(words) >= 3 and any(words <= b for b in before):
+            return True
+    return False
 
 
 def states_asked_type(body: str, question: str) -> bool:
@@ -333,6 +357,43 @@ _CITATION = re.compile(r"\[\s*\d+(?:\s*[,;]\s*\d+)*\s*\]")
 _MAYBE_CITATION = re.compile(r"\[[\d\s,;]*")
 
 
+class TurnCut:
+    """Ends a streamed answer where the model starts a new turn of the prompt's format ("\nQuestion: And version
+    3.3?" after its answer, "\nUser: ..."): that text and everything after it is dropped. A line that could
+    still become such a label is held back until it is clearly something else."""
+
+    LABELS = ("question", "user", "assistant", "documents", "key sentences", "问题", "用户")
+    _LABEL = re.compile(r"\n[ \t]*(?:" + "|".join(LABELS) + r")[ \t]*[:：]", re.I)
+
+    def __init__(self):
+        self.done = False
+        self._buffer = ""
+
+    def _may_become_label(self, line: str) -> bool:
+        t = line.lstrip(" \t").lower()
+        return any(w.startswith(t) or (t.startswith(w) and not t[len(w):].strip(" \t")) for w in self.LABELS)
+
+    def feed(self, text: str) -> str:
+        if self.done:
+            return ""
+        self._buffer += text
+        m = self._LABEL.search(self._buffer)
+        if m:
+            self.done = True
+            out, self._buffer = self._buffer[:m.start()], ""
+            return out
+        i = self._buffer.rfind("\n")
+        if i >= 0 and self._may_become_label(self._buffer[i + 1:]):
+            out, self._buffer = self._buffer[:i], self._buffer[i:]
+            return out
+        out, self._buffer = self._buffer, ""
+        return out
+
+    def flush(self) -> str:
+        out, self._buffer = self._buffer, ""
+        return "" if self.done else out
+
+
 class CitationFilter:
     """Removes, from streamed text, citation numbers that are not among the passages given to the model.
 
@@ -439,6 +500,7 @@ class AnswerStream:
             self._finish(text)
             return
         citations = CitationFilter({s.n for s in self.sources})
+        turn = TurnCut()
         parts: list[str] = []
         first = None
         count = 0
@@ -453,11 +515,16 @@ class AnswerStream:
                 first = time.perf_counter()
                 if self._prefill[-1:] in (",", ":") and piece[:1].isalnum():
                     piece = " " + piece  # "According to [1]," + "Alpha" reads "According to [1], Alpha"
-            text = citations.feed(piece)
+            text = citations.feed(turn.feed(piece))
             if text:
                 parts.append(text)
                 yield text
-        rest = citations.flush()
+            if turn.done:
+                close = getattr(self._pieces, "close", None)
+                if close:
+                    close()  # stop generating: the rest is a turn the model made up
+                break
+        rest = citations.feed(turn.flush()) + citations.flush()
         if rest:
             parts.append(rest)
             yield rest
@@ -485,7 +552,7 @@ class AnswerStream:
         elif self._fallback:
             body = _FRAMING.sub("", text)
             self._support = round(support(body, self.standalone, self.sources), 4)
-            if self._support < SUPPORTED:
+            if self._support < SUPPORTED or invented_numbers(body, self.standalone, self.sources):
                 yield from self._replace(text, self._fallback, UNSUPPORTED_NOTICE)
                 text = self._fallback
             elif not states_asked_type(body, self.standalone):
@@ -529,4 +596,4 @@ class AnswerStream:
 
 __all__ = ["Answer", "AnswerStream", "Source", "CitationFilter", "pack_passages", "refusal_text", "tidy",
            "evidence_block", "extractive_text", "support", "SUPPORTED", "OVERRULED_NOTICE",
-           "states_asked_type", "repeats_earlier", "REPEATED_NOTICE"]
+           "states_asked_type", "repeats_earlier", "REPEATED_NOTICE", "TurnCut", "invented_numbers"]

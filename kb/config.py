@@ -86,8 +86,9 @@ SETTINGS_HELP: dict[str, tuple[str, object]] = {
     "seed": ("sampling seed", None),
     "min_score": ("answerability below which kb refuses to answer (0: never refuses)", _between(0.0, 1.0)),
     "extractive": ("answer with the best evidence itself, quoted and cited, without the chat model", None),
-    "check_support": ("replace a generated answer whose words are not in the passages it cites, or that does "
-                      "not state the date, number, name or place asked for, by the evidence", None),
+    "check_support": ("replace a generated answer whose words or numbers are not in the passages it cites, that "
+                      "does not state the date, number, name or place asked for, or that repeats an earlier answer "
+                      "of the conversation, by the evidence", None),
     "overrule_refusal": ("answerability at which the evidence answers although the model refused (1: never)",
                          _between(0.0, 1.0)),
     "model_languages": ("languages the chat model writes, comma-separated (empty: what the GGUF declares)", None),

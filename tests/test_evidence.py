@@ -295,6 +295,34 @@ def test_an_answer_that_repeats_an_earlier_answer_of_the_conversation_is_replace
     assert not answer.notice and not answer.generated and "feature-complete" in answer.text
 
 
+def test_an_answer_with_a_number_the_passages_do_not_hold_is_replaced_by_the_evidence(releases_kb):
+    """Every word but one is in the passage, so the support share passes; the one is the number."""
+    question = "When does Quill 1.0.0-beta come?"
+    invented = FakeGenerator(reply="Quill 1.0.0-beta comes in the week of Feb 17, 2015 [1].")
+    answer = releases_kb(generator=invented).ask(question)
+    assert answer.support >= 0.75 and "not supported" in answer.notice
+    assert "Feb 16, 2015" in answer.text and "17" in answer.generated
+    faithful = FakeGenerator(reply="Quill 1.0.0-beta comes in the week of Feb 16, 2015 [1].")
+    answer = releases_kb(generator=faithful).ask(question)
+    assert not answer.notice and "Feb 16, 2015" in answer.text
+
+
+def test_a_streamed_answer_ends_where_the_model_starts_a_new_turn(releases_kb):
+    from kb.answer import TurnCut
+
+    cut = TurnCut()
+    pieces = ["Alpha is on", " Jan 9.", "\n", "Ques", "tion", ": And the beta?", " more"]
+    out = "".join(cut.feed(p) for p in pieces) + cut.flush()
+    assert out == "Alpha is on Jan 9." and cut.done
+    cut = TurnCut()
+    pieces = ["Two things:", "\n", "User", "s can", " upgrade.", "\nQuestions remain."]
+    assert "".join(cut.feed(p) for p in pieces) + cut.flush() == "Two things:\nUsers can upgrade.\nQuestions remain."
+    echo = FakeGenerator(reply="Quill 1.0.0-alpha is released on Friday, Jan 9, 2015 [1].\nQuestion: And the beta?")
+    stream = releases_kb(generator=echo).ask_stream("On what date will Quill 1.0.0-alpha be released?")
+    streamed = "".join(stream)
+    assert "Question" not in streamed and "Question" not in stream.answer.text and "Jan 9, 2015" in stream.answer.text
+
+
 def test_states_asked_type_reads_the_clause_about_the_question():
     from kb.answer import states_asked_type
 
