@@ -56,10 +56,27 @@ def _without_model(kb, question: str, plain: str, lock=None) -> str:
     try:
         with lock or contextlib.nullcontext():
             alone = kb.assess(question, kb.search_result(question))[0].answerability
-            together = kb.assess(plain, kb.search_result(plain))[0].answerability
+            combined = kb.assess(plain, kb.search_result(plain))[0]
     except KBError:  # no documents yet, a question with no words: the ask path reports it
         return plain
-    return question if alone >= kb.settings.min_score and alone >= together else plain
+    if alone < kb.settings.min_score:
+        return plain
+    # together they can score higher only because the previous question is answered again: after "When does
+    # the on-call rotation change?", "Who gets the page if the primary does not answer?" with it found "The
+    # on-call rotation changes every Monday at 10:00." first, which holds no word of the follow-up's own
+    return question if alone >= combined.answerability or not _holds_own_terms(combined, question, plain) else plain
+
+
+def _holds_own_terms(assessment, question: str, plain: str) -> bool:
+    """Whether the best evidence for the follow-up with its previous question holds a term of the follow-up
+    that the previous question does not."""
+    from kb.evidence import holds_term, question_terms
+
+    before = set(question_terms(plain[: len(plain) - len(question)]))
+    own = [t for t in question_terms(question) if t not in before]
+    if not own or not assessment.scored:
+        return True
+    return any(holds_term(assessment.scored[0].text, t) for t in own)
 
 
 _ANSWER_LIKE = re.compile(r"^\s*(?:\d{1,2}[.)、]|[-*•])\s|\[\d+\]")

@@ -281,6 +281,11 @@ def _term_positions(tokens: _Tokens, units: tuple[str, ...]) -> list[int]:
     return [i for i in first if i + n <= len(keys) and tuple(keys[i:i + n]) == units]
 
 
+def holds_term(text: str, term: str) -> bool:
+    """Whether `text` holds a question term (a stemmed word; a CJK bigram or character)."""
+    return bool(_term_positions(tokenize(text), term_units(term)))
+
+
 # --- expected answer type -------------------------------------------------------------------------
 
 _MONTHS = ("january february march april may june july august september october november december "

@@ -268,3 +268,27 @@ def test_chat_template_fallback_is_chatml():
         text = compile_chat_template(source).render(
             messages=[{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], add_generation_prompt=True)
         assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_a_follow_up_that_stands_alone_is_not_joined_to_a_question_it_only_answers_again(make_kb, tmp_path):
+    """Joined to the previous question, "Who gets the page if the primary does not answer?" scored higher, only
+    because the joined text found the rotation sentence again: its best sentence held no word of the follow-up.
+    A follow-up that needs its previous question is still joined."""
+    from kb.chat import Turn, standalone_question
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "oncall.md").write_text(
+        "# On-call\n\nThe on-call rotation changes every Monday at 10:00. The primary engineer must acknowledge a "
+        "page within 15 minutes.\n\nIf the primary does not answer, the page escalates to the secondary after 30 "
+        "minutes.\n\n# Expenses\n\nMeals while travelling are reimbursed up to 60 euros per day.\n", encoding="utf-8")
+    kb = make_kb(generator=FakeGenerator())
+    kb.ingest([docs])
+    before = [Turn("user", "When does the on-call rotation change?"), Turn("assistant", "Every Monday [1].")]
+    follow_up = "Who gets the page if the primary does not answer?"
+    joined = f"{before[0].content} {follow_up}"
+    assert kb.assess(joined, kb.search_result(joined))[0].answerability > \
+        kb.assess(follow_up, kb.search_result(follow_up))[0].answerability
+    assert standalone_question(kb, before, follow_up, extractive=True) == follow_up
+    assert standalone_question(kb, before, "And at what time?", extractive=True) == \
+        "When does the on-call rotation change? And at what time?"
