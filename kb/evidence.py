@@ -53,7 +53,8 @@ _CLOSER_CLASS = "[" + re.escape(_CLOSERS) + "]"
 _MARKS = r"(?:\[(?:\d{1,4}|[a-z]|n \d{1,3}|note \d{1,3}|citation needed)\])*"
 _WEST_END = re.compile(rf"[.!?]+{_CLOSER_CLASS}*{_MARKS}(?=\s)")
 _CJK_END = re.compile(rf"(?:[。！？!?]|…+|\.{{3,}}){_CLOSER_CLASS}*{_MARKS}")
-_LIST_START = re.compile(r"^\s*(?:[-*+•·▪◦‣]\s|\d{1,3}[.)、]\s?|[a-zA-Z][.)]\s|\(\d{1,3}\)\s?|[（(][一二三四五六七八九十]+[)）])")
+_LIST_START = re.compile(r"^\s*(?:[-*+•·▪◦‣]\s|\d{1,3}[.)、](?!\d)\s?|[a-zA-Z][.)]\s|\(\d{1,3}\)\s?|[（(][一二三四五六七八九十]+[)）])")
+_ITEM_NUMBER = re.compile(r"\s*(?:[-*+•]\s+)?(?:\d{1,3}|[a-zA-Z]|[ivxIVX]{1,4})\.")
 _TABLE_ROW = re.compile(r"^\s*\|.*\|\s*$|\t.*\t|(?:\S+ {3,}){2,}\S")
 _TABLE_LINE = re.compile(TABLE_ROW_LINE)
 _KEY_VALUE = re.compile(rf"^\s*[^\n]{{1,60}}?\s(?:--|—|–|=>|->)\s\S|^{LABEL}")
@@ -111,6 +112,8 @@ def _sentence_ends(text: str, start: int, end: int) -> list[int]:
                 and _is_abbreviation(text, m.start() + 1):
             continue
         if after[0].islower() and m.group()[0] == ".":  # "e.g. the", "approx. ten": not a sentence end
+            continue
+        if _ITEM_NUMBER.fullmatch(text, start, m.end()):  # "1. First item": the item's number, not a sentence
             continue
         cuts.append(m.end())
     for m in _CJK_END.finditer(text, start, end):

@@ -37,6 +37,14 @@ def test_sentences_western_abbreviations_and_markdown_units():
     assert "Reaching alpha means the language is feature-complete." in got
 
 
+def test_numbered_items_keep_their_number_and_a_wrapped_version_number_is_no_item():
+    got = sentences("Steps:\n\n1. Install the tool. It is quick.\n2. Run it.\nB. Plan B.")
+    assert got == ["Steps:", "1. Install the tool.", "It is quick.", "2. Run it.", "B. Plan B."]
+    # "1.52.1" at the start of a wrapped line is a version, not item 1 (the quote was cut at "getting Rust")
+    got = sentences("If you have a previous version of Rust installed via rustup, getting Rust\n1.52.1 is as easy as:")
+    assert len(got) == 1
+
+
 def test_sentences_chinese_tables_and_giant_runs():
     assert sentences("黑豹队赢了。他说：“我们会赢！”然后离开了。这是第一句") == ["黑豹队赢了。", "他说：“我们会赢！”", "然后离开了。", "这是第一句"]
     table = "| year | champion |\n|---|---|\n| 2015 | Broncos |\n| 2016 | Patriots |"
