@@ -15,8 +15,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
 
-from kb.evidence import (STOP_WORDS, Evidence, answer_type, join_adjacent, opens_mid_sentence, question_terms,
-                         split_sentences, term_units, tokenize, type_candidates)
+from kb.evidence import (STOP_WORDS, Evidence, answer_type, holds_term, join_adjacent, opens_mid_sentence,
+                         question_terms, split_sentences, term_units, tokenize, type_candidates)
 from kb.generator import Generator
 from kb.text import flatten, unspaced_ratio
 from kb.types import Hit
@@ -203,20 +203,27 @@ def _content_words(text: str) -> set[str]:
     return {k for k in tokenize(_FRAMING.sub("", _CITATION_MARK.sub(" ", text).strip())).keys if k not in STOP_WORDS}
 
 
-def repeats_earlier(body: str, earlier: Sequence[str]) -> bool:
+def repeats_earlier(body: str, earlier: Sequence[str], question: str = "") -> bool:
     """Whether a sentence of the answer says nothing that one earlier answer of the conversation did not (its
-    content words, 3 or more, are all in that answer). A small model copies the history it is shown: after
-    "What is the taxi receipt deadline?" the bundled model answered the follow-up "And for meals?" with
-    "According to [1], the taxi receipt deadline is 30 days." again, and "And version 3.3?" after "When is
-    version 3.2 released?" with "version 3.2 is released on March 14, 2025"."""
+    content words, 3 or more, are all in that answer) and holds none of the follow-up's terms that no earlier
+    answer holds. A small model copies the history it is shown: after "What is the taxi receipt deadline?" the
+    bundled model answered the follow-up "And for meals?" with "According to [1], the taxi receipt deadline is
+    30 days." again, and "And version 3.3?" after "When is version 3.2 released?" with "version 3.2 is released
+    on March 14, 2025". An answer to "其他城市呢？" that takes "其他城市每晚不超过400元" from an earlier quote
+    holding both city rules is no repeat: the follow-up asks nothing the earlier answer did not speak of."""
     before = [_content_words(text) for text in earlier]
     before = [words for words in before if words]
     if not before:
         return False
+    # what the follow-up asks that no earlier answer spoke of ("meals", "3.3"); nothing new: a repeat may be right
+    new = [t for t in question_terms(question) if not any(holds_term(e, t) for e in earlier)]
+    if question and not new:
+        return False
     text = _CITATION_MARK.sub(" ", body)
     for start, end in split_sentences(text):
         words = _content_words(text[start:end])
-        if len(words) >= 3 and any(words <= b for b in before):
+        if len(words) >= 3 and any(words <= b for b in before) \
+                and not any(holds_term(text[start:end], t) for t in new):
             return True
     return False
 
@@ -559,7 +566,7 @@ class AnswerStream:
                 notice = UNTYPED_NOTICE.format(kind=asked_type_words(self.standalone))
                 yield from self._replace(text, self._fallback, notice)
                 text = self._fallback
-            elif repeats_earlier(body, self._earlier):
+            elif repeats_earlier(body, self._earlier, self.question):
                 yield from self._replace(text, self._fallback, REPEATED_NOTICE)
                 text = self._fallback
         self._finish(text)

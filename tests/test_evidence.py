@@ -301,6 +301,11 @@ def test_an_answer_that_repeats_an_earlier_answer_of_the_conversation_is_replace
     fresh = FakeGenerator(reply="Reaching alpha means the language is feature-complete [1].")
     answer = releases_kb(generator=fresh).ask(question, history=earlier)
     assert not answer.notice and not answer.generated and "feature-complete" in answer.text
+    from kb.answer import repeats_earlier
+
+    quoted = ["一线城市住宿标准为每晚不超过600元；其他城市每晚不超过400元。 [1]"]
+    assert not repeats_earlier("根据[1]，其他城市每晚不超过400元。", quoted, "其他城市呢？")
+    assert repeats_earlier("根据[1]，一线城市住宿标准为每晚不超过600元。", quoted, "交通费用呢？")
 
 
 def test_an_answer_with_a_number_the_passages_do_not_hold_is_replaced_by_the_evidence(releases_kb):
