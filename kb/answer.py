@@ -15,8 +15,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
 
-from kb.evidence import (STOP_WORDS, Evidence, answer_type, holds_term, join_adjacent, opens_mid_sentence,
-                         question_terms, split_sentences, term_units, tokenize, type_candidates)
+from kb.evidence import (STOP_WORDS, Evidence, answer_type, holds_term, join_adjacent, numbers_in,
+                         opens_mid_sentence, question_terms, split_sentences, term_units, tokenize, type_candidates)
 from kb.generator import Generator
 from kb.text import flatten, unspaced_ratio
 from kb.types import Hit
@@ -173,25 +173,18 @@ def support(body: str, question: str, sources: list[Source]) -> float:
     return sum(1 for k in words if k in known) / len(words)
 
 
-_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
-
-
-def _number_set(text: str) -> set[str]:
-    return {m.group().replace(",", "").rstrip(".") for m in _NUMBER.finditer(text)}
-
-
 def invented_numbers(body: str, question: str, sources: list[Source]) -> list[str]:
     """The numbers of an answer that neither the question nor the sources it cites (all of them, when it cites
     none) hold. A number is the fact a reader acts on, and one word in eight is not much of the support share:
     asked "What about hotfixes?" over "Version 3.3 follows six weeks later.", the bundled model wrote "Version
     3.4 follows six weeks later.", every other word in the passage."""
-    said = _number_set(_CITATION_MARK.sub(" ", body))
+    said = numbers_in(_CITATION_MARK.sub(" ", body))
     if not said:
         return []
     cited = [s for s in sources if s.cited] or sources
-    known = _number_set(question)
+    known = numbers_in(question)
     for source in cited:
-        known |= _number_set(f"{source.title}\n{source.heading}\n{source.text}")
+        known |= numbers_in(f"{source.title}\n{source.heading}\n{source.text}")
     return sorted(said - known)
 
 

@@ -855,19 +855,20 @@ def assess(q: QuestionTerms, passages: Sequence[Passage]) -> Assessment:
 
 # A number the question names ("第 49 届", "in 1788", "Super Bowl 50"): a document that answers it says it, and one
 # that gives "第 50 届" instead is about something else. Digit groups are compared whole ("49" is not in "1949").
-_QUESTION_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_NUMBER_GROUP = re.compile(r"\d+(?:[.,]\d+)*")
 
 
-def _numbers(text: str) -> set[str]:
-    return {m.group().replace(",", "") for m in _QUESTION_NUMBER.finditer(text)}
+def numbers_in(text: str) -> set[str]:
+    """The digit groups of `text`, thousands separators dropped ("16,000" is "16000", "1.0.0" one group)."""
+    return {m.group().replace(",", "") for m in _NUMBER_GROUP.finditer(text)}
 
 
 def _number_missing(question: str, best: Sequence[Evidence]) -> float:
     """1.0 when the question names a number that none of its best sentences holds."""
-    asked = _numbers(question)
+    asked = numbers_in(question)
     if not asked:
         return 0.0
-    held = set().union(*(_numbers(e.text) for e in best)) if best else set()
+    held = set().union(*(numbers_in(e.text) for e in best)) if best else set()
     return float(not asked <= held)
 
 
@@ -1041,4 +1042,4 @@ def _join(quote: Evidence, e: Evidence, passage_text: str) -> None:
 
 __all__ = ["Evidence", "Passage", "QuestionTerms", "Assessment", "split_sentences", "answer_type",
            "type_candidates", "prepare_question", "assess", "select_evidence", "join_adjacent", "tokenize", "stem",
-           "question_terms", "answerability", "STOP_WORDS"]
+           "question_terms", "answerability", "STOP_WORDS", "holds_term", "numbers_in"]
