@@ -166,11 +166,15 @@ def support(body: str, question: str, sources: list[Source]) -> float:
              if k not in STOP_WORDS and k not in asked and not (len(k) == 1 and k.isascii() and not k.isdigit())]
     if not words:
         return 0.0
-    cited = [s for s in sources if s.cited] or sources
     known: set[str] = set()
-    for source in cited:
-        known.update(tokenize(f"{source.title}\n{source.heading}\n{source.text}").keys)
+    for text in _cited_texts(sources):
+        known.update(tokenize(text).keys)
     return sum(1 for k in words if k in known) / len(words)
+
+
+def _cited_texts(sources: list[Source]) -> list[str]:
+    """Title, heading and text of each source the answer cites, or of every source when it cites none."""
+    return [f"{s.title}\n{s.heading}\n{s.text}" for s in [s for s in sources if s.cited] or sources]
 
 
 def invented_numbers(body: str, question: str, sources: list[Source]) -> list[str]:
@@ -181,10 +185,7 @@ def invented_numbers(body: str, question: str, sources: list[Source]) -> list[st
     said = numbers_in(_CITATION_MARK.sub(" ", body))
     if not said:
         return []
-    cited = [s for s in sources if s.cited] or sources
-    known = numbers_in(question)
-    for source in cited:
-        known |= numbers_in(f"{source.title}\n{source.heading}\n{source.text}")
+    known = numbers_in(question).union(*(numbers_in(text) for text in _cited_texts(sources)))
     return sorted(said - known)
 
 
