@@ -92,8 +92,14 @@ class Answer:
         }
 
 
-def refusal_text(question: str) -> str:
-    return REFUSAL_ZH if unspaced_ratio(question) >= 0.5 else REFUSAL_EN
+def refusal_text(question: str, unmentioned: Sequence[str] = ()) -> str:
+    """kb's refusal in the question's language, saying which of the question's names no document mentions."""
+    if unspaced_ratio(question) >= 0.5:
+        return REFUSAL_ZH + ("".join(f"文档中没有提到“{name}”。" for name in unmentioned))
+    if not unmentioned:
+        return REFUSAL_EN
+    names = ", ".join(f"“{name}”" for name in unmentioned)
+    return f"{REFUSAL_EN} None of them mentions {names}."
 
 
 # --- evidence in the answer -----------------------------------------------------------------------

@@ -87,6 +87,20 @@ def test_answer_types_in_english_and_chinese():
     assert type_candidates("Today we announce the release of Quill 1.0.0.alpha.2!", "date", question) == []
 
 
+def test_a_year_in_a_date_is_no_count():
+    """"How many official languages ...?" was answered with "... one of New Zealand's official languages in
+    2006.[280]": its year, its reference mark and "one of" all passed for a count."""
+    def numbers(text, question="How many official languages does New Zealand have?"):
+        return [text[a:b] for a, b in type_candidates(text, "number", question)]
+
+    assert numbers("It was declared one of New Zealand's official languages in 2006.[280]") == []
+    assert numbers("Since the 1980s the party, founded on June 5, 1907, has had 3 leaders.") == ["3"]
+    assert numbers("By 1990 it had 1200 soldiers and 40% of the vote.") == ["1", "2", "0", "0", "4", "0"]
+    assert numbers("Three languages are official.") == ["Three"]
+    # a year is still a year where one is asked
+    assert type_candidates("It was declared official in 2006.", "date", "When was it declared?")
+
+
 def test_chinese_numbers_are_numbers_not_words_that_hold_a_numeral():
     def numbers(text, question="它有多长？"):
         return [text[a:b] for a, b in type_candidates(text, "number", question)]
@@ -358,9 +372,54 @@ def test_the_model_sees_the_evidence_before_the_passages(releases_kb):
 
 
 def test_refusal_shows_the_closest_evidence(releases_kb):
-    answer = releases_kb(generator=NoModel()).ask("Which office does the Quill team work from in Berlin?")
+    kb = releases_kb(generator=NoModel())
+    answer = kb.ask("Which office does the Quill team work from?")
     assert answer.refused and answer.text == "The documents do not contain an answer to this question."
     assert answer.evidence and answer.answerability < 0.5
+    answer = kb.ask("Which office does the Quill team work from in Berlin?")
+    assert answer.refused and answer.text == ("The documents do not contain an answer to this question. "
+                                              "None of them mentions “Berlin”.")
+
+
+def test_names_in_a_question():
+    from kb.evidence import question_names
+
+    assert question_names("Who was the first European to sight New Zealand?") == [
+        ("European", ["european"]), ("New Zealand", ["new", "zealand"])]
+    assert question_names("Python 代码的缩进应该用几个空格？") == [("Python", ["python"])]
+    assert question_names("64DD有哪些优点？") == [("64DD", ["64dd"])]  # the whole word, digits and all
+    assert question_names("How Do I Reset My Password?") == []  # title case: capitals name nothing
+    assert question_names("When was it released?") == [] and question_names("番茄需要多少阳光？") == []
+
+
+def test_a_name_counts_as_mentioned_in_a_near_spelling_or_as_initials():
+    from kb.evidence import Passage, _near, unmentioned
+
+    assert _near("bedigo", "bendigo") and _near("californian", "california") and _near("beriods", "beroids")
+    assert not _near("austria", "australia") and not _near("python", "java") and not _near("sweden", "swedish")
+    passages = [Passage(n=1, text="The United Methodist Church met in Bendigo. The Super Bowl was played.")]
+
+    def missing(question):
+        return unmentioned(prepare_question(question, lambda terms: (1000, {t: 0 for t in terms})), passages)
+
+    assert missing("What did the UMC decide in Bedigo at the Superbowl?") == []
+    assert missing("What did the UMC decide in Kotlin?") == ["Kotlin"]
+    assert missing("What did the BBC decide?") == ["BBC"]
+
+
+def test_a_question_about_something_no_document_mentions_is_refused_saying_so(releases_kb):
+    """"Kotlin 1.0.0-alpha" matches the Quill release line on every other word, and was answered with Quill's
+    date; no document mentions Kotlin, and kb says that is why it refuses. A misspelt name still answers."""
+    kb = releases_kb(generator=NoModel())
+    answer = kb.ask("On what date will Kotlin 1.0.0-alpha be released?", extractive=True)
+    assert answer.refused and answer.text.endswith("None of them mentions “Kotlin”.")
+    assert answer.evidence and "Jan 9, 2015" in answer.evidence[0].text  # the closest evidence, to judge by
+    assert not kb.ask("番茄每天需要多少小时的阳光？", extractive=True).refused
+    answer = kb.ask("在 Minecraft 里番茄每天需要多少小时的阳光？", extractive=True)
+    assert answer.refused and answer.text == "文档中没有这个问题的答案。文档中没有提到“Minecraft”。"
+    answer = kb.ask("On what date will Qiull 1.0.0-alpha be released?", extractive=True)
+    assert not answer.refused and "Jan 9, 2015" in answer.text
+    assert not kb.ask("On what date will Quill 1.0.0-alpha be released?", extractive=True).refused
 
 
 def test_cli_ask_shows_evidence_and_json(releases_kb, home, monkeypatch, fake_embedder):
