@@ -236,7 +236,7 @@ class KnowledgeBase:
         leads = store.section_leads([h.chunk_id for h in result.hits])
         passages = [
             Passage(n=i + 1, text=h.text, title=h.title, heading=h.heading, rank=i, chunk_id=h.chunk_id,
-                    lead=leads.get(h.chunk_id, ""),
+                    lead=leads.get(h.chunk_id, ""), path=h.path,
                     similarity=float(vector @ vectors[h.chunk_id]) if h.chunk_id in vectors
                     and len(vectors[h.chunk_id]) == len(vector) else None)
             for i, h in enumerate(result.hits)

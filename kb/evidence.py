@@ -513,8 +513,9 @@ def prepare_question(question: str, doc_freqs: DocFreqs) -> QuestionTerms:
 # "Python 代码的缩进应该用几个空格？" over a Java manual matched "代码", "缩进", "空格" and was answered with the Java rule;
 # nothing in the documents is about Python, and the index can tell: no chunk holds the word. A question that
 # names something no document mentions is refused, and the refusal says what was not found. A name counts as
-# mentioned when a passage kb retrieved holds a near spelling of it (the QA sets' own questions misspell
-# "Bendigo" as "Bedigo", "Abilene" as "ableine", "Super Bowl" as "Superbowl").
+# mentioned when a passage kb retrieved holds a near spelling of it, in its text, headings or file path (the QA
+# sets' own questions misspell "Bendigo" as "Bedigo", "Abilene" as "ableine", "Super Bowl" as "Superbowl"; a
+# company's name may be only in the folder its policies are in).
 _LATIN_RUN = re.compile(r"[A-Za-z0-9][A-Za-z0-9+#'’.\-]*")
 _QUESTION_OPENERS = frozenset("what which who whom whose when where why how is are was were do does did can could "
                               "should would will shall may might has have had".split())
@@ -532,7 +533,7 @@ def question_names(question: str) -> list[tuple[str, list[str]]]:
             return []  # "How Do I Reset My Password": capitals say nothing
         runs = [m.group() for m in _NAME_EN.finditer(question.strip())]
     out = []
-    for run in dict.fromkeys(r.strip(" .'’-") for r in runs):
+    for run in dict.fromkeys(re.sub(r"['’]s$", "", r.strip(" .'’-")) for r in runs):  # "Acme's": Acme
         words = [t for t in lexical_terms(run, unigrams=False)
                  if len(t) > 1 and t not in STOP_WORDS and t not in _QUESTION_OPENERS and not t.isdigit()]
         if words:
@@ -573,7 +574,8 @@ def unmentioned(q: QuestionTerms, passages: Sequence[Passage]) -> list[str]:
         return []
     words: set[str] = set()
     for p in passages:
-        seq = lexical_terms(" ".join((p.title or "", p.heading or "", p.text)), unigrams=False)
+        where = re.sub(r"[\\/_.\-]+", " ", p.path)  # "/home/me/acme-docs/refunds.md": acme, docs, refunds
+        seq = lexical_terms(" ".join((where, p.title or "", p.heading or "", p.text)), unigrams=False)
         words.update(seq)
         words.update(x + y for x, y in zip(seq, seq[1:]))  # "super bowl" for "Superbowl"
     out = []
@@ -651,6 +653,7 @@ class Passage:
     chunk_id: int = 0
     similarity: float | None = None  # cosine of question and passage embeddings; None where not trusted
     lead: str = ""  # its section's first sentence, when the passage starts further into it (kb.store.section_lead)
+    path: str = ""  # where its document lies: names in a file or folder name ("acme/refunds.md") count as mentioned
 
 
 @dataclass

@@ -405,6 +405,12 @@ def test_a_name_counts_as_mentioned_in_a_near_spelling_or_as_initials():
     assert missing("What did the UMC decide in Bedigo at the Superbowl?") == []
     assert missing("What did the UMC decide in Kotlin?") == ["Kotlin"]
     assert missing("What did the BBC decide?") == ["BBC"]
+    # a company's name may be only in the folder its policies are in; "Acme's" is the name Acme
+    in_folder = [Passage(n=1, text="Refunds are paid within five days.", path="/home/me/acme-docs/refunds.md")]
+    assert unmentioned(prepare_question("What is Acme's refund policy?", lambda terms: (1000, {t: 0 for t in terms})),
+                       in_folder) == []
+    assert unmentioned(prepare_question("What is Globex's refund policy?", lambda terms: (1000, {t: 0 for t in terms})),
+                       in_folder) == ["Globex"]
 
 
 def test_a_question_about_something_no_document_mentions_is_refused_saying_so(releases_kb):
