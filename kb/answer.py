@@ -168,7 +168,7 @@ def support(body: str, question: str, sources: list[Source]) -> float:
     question's words aside) found in the sources it cites, or in all of them when it cites none. 0 for an
     answer that says nothing beyond the question ("the answer is [2]")."""
     asked = set(tokenize(question).keys)
-    words = [k for k in tokenize(_CITATION_MARK.sub(" ", body)).keys
+    words = [k for k in tokenize(_CITATION_MARK.sub(" ", _without_headers(body, sources))).keys
              if k not in STOP_WORDS and k not in asked and not (len(k) == 1 and k.isascii() and not k.isdigit())]
     if not words:
         return 0.0
@@ -176,6 +176,29 @@ def support(body: str, question: str, sources: list[Source]) -> float:
     for text in _cited_texts(sources):
         known.update(tokenize(text).keys)
     return sum(1 for k in words if k in known) / len(words)
+
+
+def _without_headers(body: str, sources: list[Source]) -> str:
+    """`body` without the lines that copy a passage's header as the prompt shows it ("[1] title — heading"):
+    asked "How do I install Rust?", the bundled model wrote "the answer is:" and "[1] Using
+    rustc_codegen_cranelift for debug builds — How do I install Rust?" (source 1's title and the question),
+    every word in the source or the question, and nothing said."""
+    headers = {_line_key(" — ".join(x for x in (s.title, s.heading, f"page {s.page}" if s.page else "") if x))
+               for s in sources}
+    titles = {s.n: _line_key(s.title) for s in sources if _line_key(s.title)}
+
+    def copies(line: str) -> bool:
+        numbered = re.match(r"\s*\[(\d+)\]\s*(.*)", line)  # "[1] <its title> — <anything>"
+        if numbered and titles.get(int(numbered.group(1))) and \
+                _line_key(numbered.group(2)).startswith(titles[int(numbered.group(1))]):
+            return True
+        return _line_key(line) in headers
+
+    return "\n".join(line for line in body.split("\n") if not copies(line))
+
+
+def _line_key(line: str) -> str:
+    return re.sub(r"\W+", " ", _CITATION_MARK.sub(" ", line)).strip().lower()
 
 
 def _cited_texts(sources: list[Source]) -> list[str]:

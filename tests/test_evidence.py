@@ -290,6 +290,20 @@ def test_an_unsupported_generated_answer_is_replaced_by_the_evidence(releases_kb
     assert "Mars" in streamed and "not supported" in streamed and stream.answer.text in streamed
 
 
+def test_an_answer_that_copies_a_passage_header_is_replaced_by_the_evidence(releases_kb):
+    """Asked "How do I install Rust?", the bundled model wrote "the answer is:" and the header line of a passage
+    as the prompt shows it: every word in the source, nothing said."""
+    question = "What does reaching alpha mean?"
+    header = FakeGenerator(reply=" the answer is:\n[1] Quill 1.0: scheduling the trains")
+    answer = releases_kb(generator=header).ask(question)
+    assert answer.generated and "not supported" in answer.notice and "feature-complete" in answer.text
+    answer = releases_kb(generator=FakeGenerator(reply=" the answer is:\n[1] Quill 1.0: scheduling the trains — "
+                                                        "What does reaching alpha mean?")).ask(question)
+    assert "not supported" in answer.notice  # its title, then the question
+    own = FakeGenerator(reply=" reaching alpha means the language is feature-complete [1].")
+    assert not releases_kb(generator=own).ask(question).generated
+
+
 def test_an_answer_that_does_not_say_what_was_asked_is_replaced_by_the_evidence(releases_kb):
     """Every word of "... on Friday" is in the passage (the support check passes), but the clause about the alpha
     holds no date: the model restated the question and put its only date elsewhere."""
