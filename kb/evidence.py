@@ -1065,6 +1065,10 @@ def select_evidence(scored: list[Evidence], top: int = 3,
         key = " ".join(e.text.split()).lower()
         if e.window_coverage <= 0 or key in seen:
             continue
+        # neighbouring chunks overlap: the tail of a sentence already quoted, at the head of the next chunk
+        # ("…uk_字段名；普通索引名则为 idx_字段名。" after the whole rule), says nothing new
+        if any(key in " ".join(p.text.split()).lower() for p in picked):
+            continue
         if picked and picked[0].score > 0 and e.score < EVIDENCE_RATIO * picked[0].score:
             break  # the rest say much less than the best: noise to a reader (and to the model)
         if picked and e.restates:

@@ -87,6 +87,16 @@ def test_answer_types_in_english_and_chinese():
     assert type_candidates("Today we announce the release of Quill 1.0.0.alpha.2!", "date", question) == []
 
 
+def test_the_tail_of_a_quoted_sentence_in_the_next_chunk_is_not_quoted_again():
+    """Chunks overlap: the next chunk opens with the end of the rule already quoted, and the answer quoted
+    "5.【强制】主键索引名为 pk_字段名；唯一索引名为 uk_字段名；普通索引名则为 idx_字段名。 [1] …uk_字段名；普通索引名则为 idx_字段名。 [2]"."""
+    rule = "5.【强制】主键索引名为 pk_字段名；唯一索引名为 uk_字段名；普通索引名则为 idx_字段名。"
+    passages = [Passage(n=1, text="4.【强制】表名不使用复数名词。" + rule),
+                Passage(n=2, text="uk_字段名；普通索引名则为 idx_字段名。6.【推荐】小数类型为 decimal。")]
+    quotes = [e.text for e in assess(prepare_question("索引名怎么命名？", flat_doc_freqs), passages).evidence(3)]
+    assert quotes[0] == rule and not any(q in rule for q in quotes[1:])
+
+
 def test_a_year_in_a_date_is_no_count():
     """"How many official languages ...?" was answered with "... one of New Zealand's official languages in
     2006.[280]": its year, its reference mark and "one of" all passed for a count."""
