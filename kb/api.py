@@ -243,6 +243,28 @@ class KnowledgeBase:
         ]
         return assess(prepare_question(question, store.doc_freqs), passages), passages
 
+    def _summary(self, question: str, pool: SearchResult, k: int) -> tuple[list[Hit], Assessment, list[Passage]] | None:
+        """For a request for a summary of a topic (kb.evidence.summary_topic) that passages of the pool cover: the
+        k passages to answer from (those summary_assessment quotes first, then the pool's best) and their
+        assessment. A summary's passages are chosen from the whole pool: over a Wikipedia page "Summarize the
+        history of New Zealand." retrieved its reference lists first, and the History section below them."""
+        from kb.evidence import prepare_question, summary_assessment, summary_topic
+
+        topic = summary_topic(question)
+        if topic is None or not pool.hits:
+            return None
+        terms = prepare_question(topic, self._open_store().doc_freqs)
+        wide, wide_passages = self.assess(question, pool)
+        found = summary_assessment(wide, wide_passages, terms)
+        if found is None:
+            return None
+        first = list(dict.fromkeys(e.n - 1 for e in found.scored[:found.summary]))
+        hits = [pool.hits[i] for i in first] + [h for i, h in enumerate(pool.hits) if i not in first]
+        top = SearchResult(hits=hits[:k], mode=pool.mode, query_vector=pool.query_vector)
+        assessment, passages = self.assess(question, top)
+        found = summary_assessment(assessment, passages, terms)
+        return (top.hits, found, passages) if found is not None else None
+
     def evidence_search(self, question: str, k: int | None = None, *, mode: str | None = None,
                         filters: Filters | None = None,
                         min_score: float | None = None) -> tuple[SearchResult, Assessment, list[Passage]]:
@@ -262,6 +284,12 @@ class KnowledgeBase:
         top = SearchResult(hits=pool.hits[:k], mode=pool.mode, timings=timings, query_vector=pool.query_vector)
         assessment, passages = self.assess(question, top)
         timings["evidence_ms"] = round((time.perf_counter() - t) * 1000, 1)
+        summary = self._summary(question, pool, k)
+        if summary is not None:
+            timings["summary"] = True
+            timings["evidence_ms"] = round((time.perf_counter() - t) * 1000, 1)
+            return SearchResult(hits=summary[0], mode=pool.mode, timings=timings,
+                                query_vector=pool.query_vector), summary[1], summary[2]
         if len(pool.hits) <= k or assessment.answerability < threshold:
             return top, assessment, passages
         wide, _ = self.assess(question, pool)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import bisect
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
 from typing import Callable, Sequence
 
@@ -590,6 +590,76 @@ def unmentioned(q: QuestionTerms, passages: Sequence[Passage]) -> list[str]:
     return out
 
 
+# --- requests for a summary -----------------------------------------------------------------------
+
+# "Summarize the history of New Zealand." and "这份手册主要讲了什么？" ask for no fact that one sentence states, and
+# were refused with the history section and the manual right there. A request for a summary or an overview of
+# a topic is answered when a passage holds the topic's terms (SUMMARY_COVERAGE of their weight); its evidence is
+# the opening sentence of each such passage, in retrieval order.
+_SUMMARY_EN = re.compile(
+    r"^\s*(?:please\s+)?(?:(?:can|could|would|will)\s+you\s+)?(?:please\s+)?"
+    r"(?:summari[sz]e|give\s+(?:me\s+|us\s+)?(?:an?\s+)?(?:short\s+|brief\s+|quick\s+)?(?:summary|overview|outline)\s+of"
+    r"|tell\s+(?:me|us)\s+about|(?:an?\s+)?(?:summary|overview)\s+of|tl;?\s?dr\s+(?:of|for))"
+    r"\s+(?P<topic>.+?)[\s?.!]*$", re.I)
+_SUMMARY_ZH = re.compile(
+    r"^\s*(?:请|麻烦)?(?:帮我|给我)?(?:总结|概括|概述|归纳|简介|介绍)(?:一下)?(?P<topic>.+?)[。？?！!\s]*$"
+    r"|^\s*(?P<about>.+?)(?:主要|大概|都)?(?:讲了|说了|写了|介绍了|讲的是|说的是|讲述了)(?:些)?(?:什么|啥)(?:内容)?[？?。\s]*$"
+    r"|^\s*(?P<gist>.+?)的(?:主要内容|要点|摘要|概要|大意)(?:是什么|有哪些)?[？?。\s]*$")
+SUMMARY_COVERAGE = 0.75
+
+
+def summary_topic(question: str) -> str | None:
+    """What a request for a summary or an overview is about ("Summarize the history of New Zealand." -> "the
+    history of New Zealand", "这份手册主要讲了什么？" -> "这份手册"); None for any other question."""
+    m = (_SUMMARY_ZH if unspaced_ratio(question) >= 0.5 else _SUMMARY_EN).match(question)
+    if not m:
+        return None
+    topic = re.sub(r"^(?:一下)?(?:这|那|本|该|此)(?:份|个|篇|本|部|些|套)?", "", next((g for g in m.groups() if g), "")).strip()
+    topic = re.sub(r"^一下", "", topic).strip()
+    return topic or None  # "总结一下" says what to do, not what about
+
+
+def summary_assessment(a: Assessment, passages: Sequence[Passage], topic: QuestionTerms) -> Assessment | None:
+    """`a` for a request to summarize `topic`, when a passage holds the topic's terms: its evidence the opening
+    sentences of the (up to three) passages that do, and its answerability at least their coverage of the topic.
+    Passages whose headings name the topic come first, then those that open their section, then the rest, in
+    retrieval order; reference lists are left out. A passage's opening is its first sentence that holds a term
+    of the topic (an image caption or a line of code opens many sections), and never a chunk's first sentence
+    when the chunk starts inside its section (neighbouring chunks overlap: it may be the tail of one). None when
+    no passage covers the topic, or the request names something no document mentions."""
+    if a.unmentioned or not topic.total:
+        return None
+
+    def coverage(text: str) -> float:
+        return sum(w for t, w in topic.weights.items() if holds_term(text, t)) / topic.total
+
+    cover = {p.n: coverage(" ".join((p.title, p.heading, p.text))) for p in passages}
+    covering = [p for p in passages if cover[p.n] >= SUMMARY_COVERAGE and not _REFERENCE_HEADING.search(p.heading or "")]
+    covering.sort(key=lambda p: (coverage(" ".join((p.title, p.heading))) < SUMMARY_COVERAGE, bool(p.lead), p.rank))
+    words = [t for t in topic.terms if len(t) > 1 or not is_unspaced(t)]
+    leads: list[Evidence] = []
+    for p in covering[:3]:
+        text, spans = a.passages.get(p.n, ("", []))
+        # a chunk inside its section may open with the tail of a sentence ("处理方\n式让写的同学 ..."): its first
+        # whole sentence starts after the first full stop
+        opening = Evidence(n=p.n, text=text[spans[0][0]:spans[0][1]], start=0, end=spans[0][1], score=0.0) if spans else None
+        suspect = bool(p.lead) or (opening is not None and opens_mid_sentence(opening))
+        stop = re.search(r"[。！？!?]|\.(?:\[[^\]]{1,20}\])*(?:\s|$)", text) if suspect else None
+        first = next((j for j, (b, _) in enumerate(spans) if b >= stop.end()), len(spans)) if stop else 0
+        i = next((j for j in range(first, len(spans)) if any(holds_term(text[spans[j][0]:spans[j][1]], t) for t in words)),
+                 first)
+        if i >= len(spans):
+            continue
+        start, end = spans[i]
+        leads.append(Evidence(n=p.n, text=text[start:end], start=start, end=end, score=1.0 - 0.01 * len(leads),
+                              window_coverage=cover[p.n], chunk_id=p.chunk_id, index=i, last=i))
+    if not leads:
+        return None
+    placed = {(e.n, e.index) for e in leads}
+    return replace(a, scored=leads + [e for e in a.scored if (e.n, e.index) not in placed],
+                   answerability=max(a.answerability, max(cover.values())), summary=len(leads))
+
+
 def _spells_out(acronym: str, text: str) -> bool:
     """Whether `text` holds capitalized words whose initials make `acronym` ("United Methodist Church" for
     "UMC", "Scottish Parliament" for "SP"), small words between them allowed ("Bank of England")."""
@@ -884,6 +954,7 @@ class Assessment:
     signals: dict[str, float] = field(default_factory=dict)  # what answerability was computed from
     passages: dict[int, tuple[str, list[tuple[int, int]]]] = field(default_factory=dict)  # n -> text, sentences
     unmentioned: list[str] = field(default_factory=list)  # names of the question no document mentions (refused)
+    summary: int = 0  # for a request for a summary: how many of `scored` (the first) are passages' openings
 
     def evidence(self, top: int = 3, among: set[int] | None = None) -> list[Evidence]:
         """The best sentences (see `select_evidence`), optionally only from the sources numbered in `among`,
@@ -1157,4 +1228,4 @@ def _join(quote: Evidence, e: Evidence, passage_text: str) -> None:
 __all__ = ["Evidence", "Passage", "QuestionTerms", "Assessment", "split_sentences", "answer_type",
            "type_candidates", "prepare_question", "assess", "select_evidence", "join_adjacent", "tokenize", "stem",
            "question_terms", "answerability", "STOP_WORDS", "holds_term", "numbers_in", "question_names",
-           "unmentioned"]
+           "unmentioned", "summary_topic", "summary_assessment"]

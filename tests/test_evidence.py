@@ -97,6 +97,43 @@ def test_the_tail_of_a_quoted_sentence_in_the_next_chunk_is_not_quoted_again():
     assert quotes[0] == rule and not any(q in rule for q in quotes[1:])
 
 
+def test_requests_for_a_summary_and_their_topic():
+    from kb.evidence import summary_topic
+
+    assert summary_topic("Summarize the history of New Zealand.") == "the history of New Zealand"
+    assert summary_topic("Can you give me a brief overview of the refund policy?") == "the refund policy"
+    assert summary_topic("Tell me about the on-call rotation") == "the on-call rotation"
+    assert summary_topic("总结一下线程池的规约") == "线程池的规约"
+    assert summary_topic("这份手册主要讲了什么？") == "手册"
+    assert summary_topic("介绍一下日志规约") == "日志规约"
+    for question in ("When was it released?", "What is a summary?", "什么是线程池？", "Summarize.", "总结一下"):
+        assert summary_topic(question) is None, question
+
+
+def test_a_request_for_a_summary_is_answered_with_the_openings_of_the_passages_on_its_topic(make_kb, tmp_path):
+    """"Summarize the history of Zealandia." asks for no fact one sentence states, and was refused with the
+    History section right there. The answer quotes the section's opening sentence on the topic (not the image
+    caption that opens it); a summary of a topic no document covers is still refused."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "zealandia.md").write_text(
+        "# Zealandia\n\n## History\n\nA torn sheet of paper on a desk\n\nThe first settlers reached Zealandia "
+        "around 1300 and built villages along the coast. Traders arrived in 1642 and mapped the western shore. "
+        "The colony became a dominion in 1907.\n\n## Economy\n\nZealandia exports wool, dairy and timber.\n",
+        encoding="utf-8")
+    (docs / "tomato.md").write_text("# 阳台种番茄\n\n番茄是喜光植物，每天至少需要六到八个小时的直射阳光。朝南的阳台最适合。\n",
+                                    encoding="utf-8")
+    kb = make_kb()
+    kb.ingest([docs])
+    answer = kb.ask("Summarize the history of Zealandia.", extractive=True)
+    assert not answer.refused and answer.text.startswith("The first settlers reached Zealandia around 1300")
+    assert answer.sources[0].heading.endswith("History")
+    answer = kb.ask("介绍一下阳台种番茄", extractive=True)
+    assert not answer.refused and answer.text.startswith("番茄是喜光植物")
+    assert kb.ask("Summarize the history of Peru.", extractive=True).refused
+    assert kb.ask("Give me an overview of the tax rules.", extractive=True).refused
+
+
 def test_a_year_in_a_date_is_no_count():
     """"How many official languages ...?" was answered with "... one of New Zealand's official languages in
     2006.[280]": its year, its reference mark and "one of" all passed for a count."""
