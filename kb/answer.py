@@ -185,13 +185,17 @@ def _without_headers(body: str, sources: list[Source]) -> str:
     every word in the source or the question, and nothing said."""
     headers = {_line_key(" — ".join(x for x in (s.title, s.heading, f"page {s.page}" if s.page else "") if x))
                for s in sources}
-    titles = {s.n: _line_key(s.title) for s in sources if _line_key(s.title)}
+    titles = {s.n: s.title.strip().lower() for s in sources if s.title.strip()}
 
     def copies(line: str) -> bool:
-        numbered = re.match(r"\s*\[(\d+)\]\s*(.*)", line)  # "[1] <its title> — <anything>"
-        if numbered and titles.get(int(numbered.group(1))) and \
-                _line_key(numbered.group(2)).startswith(titles[int(numbered.group(1))]):
-            return True
+        # "[1] <its title> — <anything>", as the prompt shows a header; not "[1], New Zealand became ...", which
+        # is the reply's own "According to [1]," before an answer that opens with the title's words
+        numbered = re.match(r"\s*\[(\d+)\]\s+(.*)", line)
+        title = titles.get(int(numbered.group(1))) if numbered else None
+        if title and numbered.group(2).lower().startswith(title):
+            rest = numbered.group(2)[len(title):].strip()
+            if not rest or rest.startswith("—"):
+                return True
         return _line_key(line) in headers
 
     return "\n".join(line for line in body.split("\n") if not copies(line))
@@ -204,6 +208,37 @@ def _line_key(line: str) -> str:
 def _cited_texts(sources: list[Source]) -> list[str]:
     """Title, heading and text of each source the answer cites, or of every source when it cites none."""
     return [f"{s.title}\n{s.heading}\n{s.text}" for s in [s for s in sources if s.cited] or sources]
+
+
+def misplaced_numbers(body: str, question: str, sources: list[Source]) -> list[str]:
+    """The numbers of an answer that its sources hold only where they speak of something else. Asked "When did
+    New Zealand become a dominion?" over "In 1841, New Zealand became a colony ... and in 1907 it became a
+    dominion; it gained full statutory independence in 1947 ...", the bundled model answered 1947: every word
+    is in the source, but no word of the question is near 1947, while two ("became a dominion") are near 1907.
+    A number counts as misplaced when no question word is within NUMBER_REACH characters of it (not across a
+    ";") in any source, and at least two are near another number there. Western questions only: for Chinese,
+    characters near a number say too little."""
+    if unspaced_ratio(question) >= 0.5:
+        return []
+    asked = {k for k in tokenize(question).keys if k not in STOP_WORDS and not k[:1].isdigit()}
+    said = numbers_in(_CITATION_MARK.sub(" ", body)) - numbers_in(question)
+    if not said or len(asked) < 2:
+        return []
+    near: dict[str, int] = {}  # number -> most question words near one of its places
+    for text in _cited_texts(sources):
+        for m in _NUMBER_AT.finditer(text):
+            a = max(text.rfind(";", 0, m.start()) + 1, m.start() - NUMBER_REACH)
+            b = text.find(";", m.end())
+            b = min(b if b >= 0 else len(text), m.end() + NUMBER_REACH)
+            shared = len(asked & set(tokenize(text[a:b]).keys))
+            number = m.group().replace(",", "")
+            near[number] = max(near.get(number, 0), shared)
+    return sorted(n for n in said if n in near and near[n] == 0
+                  and any(v >= 2 for other, v in near.items() if other != n and other not in said))
+
+
+NUMBER_REACH = 50  # characters either side of a number that speak of it
+_NUMBER_AT = re.compile(r"\d+(?:[.,]\d+)*")
 
 
 def invented_numbers(body: str, question: str, sources: list[Source]) -> list[str]:
@@ -582,7 +617,8 @@ class AnswerStream:
         elif self._fallback:
             body = _FRAMING.sub("", text)
             self._support = round(support(body, self.standalone, self.sources), 4)
-            if self._support < SUPPORTED or invented_numbers(body, self.standalone, self.sources):
+            if self._support < SUPPORTED or invented_numbers(body, self.standalone, self.sources) \
+                    or misplaced_numbers(body, self.standalone, self.sources):
                 yield from self._replace(text, self._fallback, UNSUPPORTED_NOTICE)
                 text = self._fallback
             elif not states_asked_type(body, self.standalone):
@@ -626,4 +662,5 @@ class AnswerStream:
 
 __all__ = ["Answer", "AnswerStream", "Source", "CitationFilter", "pack_passages", "refusal_text", "tidy",
            "evidence_block", "extractive_text", "support", "SUPPORTED", "OVERRULED_NOTICE",
-           "states_asked_type", "repeats_earlier", "REPEATED_NOTICE", "TurnCut", "invented_numbers"]
+           "states_asked_type", "repeats_earlier", "REPEATED_NOTICE", "TurnCut", "invented_numbers",
+           "misplaced_numbers"]

@@ -349,6 +349,26 @@ def test_an_answer_that_copies_a_passage_header_is_replaced_by_the_evidence(rele
     assert "not supported" in answer.notice  # its title, then the question
     own = FakeGenerator(reply=" reaching alpha means the language is feature-complete [1].")
     assert not releases_kb(generator=own).ask(question).generated
+    # an answer that opens with the title's words is no header ("According to [1], Quill 1.0: ...")
+    own = FakeGenerator(reply=" Quill 1.0: scheduling the trains says reaching alpha means feature-complete [1].")
+    assert not releases_kb(generator=own).ask(question).generated
+
+
+def test_an_answer_that_takes_a_number_from_a_clause_about_something_else_is_replaced(make_kb, tmp_path):
+    """Asked when New Zealand became a dominion, the bundled model answered 1947, a year of the same sentence
+    that no word of the question is near; 1907 stands beside "became a dominion"."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "nz.md").write_text("# New Zealand\n\nIn 1841, New Zealand became a colony within the British Empire "
+                                "and in 1907 it became a dominion; it gained full statutory independence in 1947 and "
+                                "the British monarch remained the head of state.\n", encoding="utf-8")
+    question = "When did New Zealand become a dominion?"
+    wrong = make_kb(generator=FakeGenerator(reply=" New Zealand became a dominion in 1947 [1]."))
+    wrong.ingest([docs])
+    answer = wrong.ask(question)
+    assert "not supported" in answer.notice and "1947" in answer.generated and "in 1907 it became" in answer.text
+    right = make_kb(generator=FakeGenerator(reply=" New Zealand became a dominion in 1907 [1]."))
+    assert not right.ask(question).generated
 
 
 def test_an_answer_that_does_not_say_what_was_asked_is_replaced_by_the_evidence(releases_kb):
