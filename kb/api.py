@@ -349,7 +349,8 @@ class KnowledgeBase:
                       answerability=assessment.answerability)
         if assessment.answerability < threshold or not hits:
             closest = [Source.from_hit(p.n, h, assessment.passage_coverage[p.n]) for p, h in zip(passages, hits)]
-            return AnswerStream(sources=closest, refused=True, model="", pieces=None, text=refusal_text(question, assessment.unmentioned),
+            return AnswerStream(sources=closest, refused=True, model="", pieces=None,
+                                text=refusal_text(question, assessment.unmentioned),
                                 evidence=assessment.evidence(3), **common)
         usable = self.usable_passages(assessment, passages, hits)
         if notice is not None:

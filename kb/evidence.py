@@ -574,7 +574,7 @@ def unmentioned(q: QuestionTerms, passages: Sequence[Passage]) -> list[str]:
         return []
     words: set[str] = set()
     for p in passages:
-        where = re.sub(r"[\\/_.\-]+", " ", p.path)  # "/home/me/acme-docs/refunds.md": acme, docs, refunds
+        where = re.sub(r"[\\/_.\-]+", " ", p.path or "")  # "/home/me/acme-docs/refunds.md": acme, docs, refunds
         seq = lexical_terms(" ".join((where, p.title or "", p.heading or "", p.text)), unigrams=False)
         words.update(seq)
         words.update(x + y for x, y in zip(seq, seq[1:]))  # "super bowl" for "Superbowl"
@@ -583,8 +583,8 @@ def unmentioned(q: QuestionTerms, passages: Sequence[Passage]) -> list[str]:
         terms = [t for t in lexical_terms(name, unigrams=False) if len(t) > 1]
         if any(_near(t, w) for t in terms for w in words if abs(len(t) - len(w)) <= 2):
             continue
-        if re.fullmatch(r"[A-Z]{2,6}", name) and any(_spells_out(name, p.title + " " + p.heading + " " + p.text)
-                                                      for p in passages):
+        if re.fullmatch(r"[A-Z]{2,6}", name) and any(
+                _spells_out(name, " ".join((p.title or "", p.heading or "", p.text))) for p in passages):
             continue
         out.append(name)
     return out
@@ -610,7 +610,7 @@ SUMMARY_COVERAGE = 0.75
 
 def summary_topic(question: str) -> str | None:
     """What a request for a summary or an overview is about ("Summarize the history of New Zealand." -> "the
-    history of New Zealand", "这份手册主要讲了什么？" -> "这份手册"); None for any other question."""
+    history of New Zealand", "这份手册主要讲了什么？" -> "手册"); None for any other question."""
     m = (_SUMMARY_ZH if unspaced_ratio(question) >= 0.5 else _SUMMARY_EN).match(question)
     if not m:
         return None
@@ -633,9 +633,10 @@ def summary_assessment(a: Assessment, passages: Sequence[Passage], topic: Questi
     def coverage(text: str) -> float:
         return sum(w for t, w in topic.weights.items() if holds_term(text, t)) / topic.total
 
-    cover = {p.n: coverage(" ".join((p.title, p.heading, p.text))) for p in passages}
+    cover = {p.n: coverage(" ".join((p.title or "", p.heading or "", p.text))) for p in passages}
     covering = [p for p in passages if cover[p.n] >= SUMMARY_COVERAGE and not _REFERENCE_HEADING.search(p.heading or "")]
-    covering.sort(key=lambda p: (coverage(" ".join((p.title, p.heading))) < SUMMARY_COVERAGE, bool(p.lead), p.rank))
+    covering.sort(key=lambda p: (coverage(" ".join((p.title or "", p.heading or ""))) < SUMMARY_COVERAGE, bool(p.lead),
+                                 p.rank))
     words = [t for t in topic.terms if len(t) > 1 or not is_unspaced(t)]
     leads: list[Evidence] = []
     for p in covering[:3]:
