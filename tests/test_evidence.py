@@ -134,6 +134,26 @@ def test_a_request_for_a_summary_is_answered_with_the_openings_of_the_passages_o
     assert kb.ask("Give me an overview of the tax rules.", extractive=True).refused
 
 
+def test_how_long_does_it_take_asks_for_a_duration_not_about_length(make_kb, tmp_path):
+    """"long" and "take" say what kind of answer is wanted: over a refund policy that says "within five business
+    days", "How long does it take to get a refund?" and "How long do refunds take?" were refused (they weighed
+    as much as "refund")."""
+    assert question_terms("How long does it take to get a refund?") == ["get", "refund"]
+    assert question_terms("How tall is the tower?") == ["tower"] and question_terms("退款需要多久？")[0] == "退款"
+    assert answer_type("How long does it take to get a refund?") == "number"
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "refunds.md").write_text("# Refund policy\n\nCustomers can ask for a refund within 30 days of purchase. "
+                                     "Refunds are paid to the original card within five business days.\n",
+                                     encoding="utf-8")
+    (docs / "team.md").write_text("# On-call\n\nThe on-call rotation changes every Monday at 10:00.\n", encoding="utf-8")
+    kb = make_kb()
+    kb.ingest([docs])
+    answer = kb.ask("How long do refunds take?", extractive=True)
+    assert not answer.refused and "five business days" in answer.text
+    assert kb.ask("How long does it take to get a passport?", extractive=True).refused
+
+
 def test_a_year_in_a_date_is_no_count():
     """"How many official languages ...?" was answered with "... one of New Zealand's official languages in
     2006.[280]": its year, its reference mark and "one of" all passed for a count."""
