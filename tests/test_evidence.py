@@ -166,6 +166,10 @@ def test_a_year_in_a_date_is_no_count():
     assert numbers("Three languages are official.") == ["Three"]
     # a year is still a year where one is asked
     assert type_candidates("It was declared official in 2006.", "date", "When was it declared?")
+    # "2006年" says when, in Chinese too, unless the question asks how many years
+    assert numbers("2006年被宣布为官方语言，共有3种。", "有多少种官方语言？") == ["3"]
+    assert numbers("该工程前后历时1000年才完工，于2006年正式开放。", "历时多少年？") == ["1", "0", "0", "0", "2", "0", "0", "6"]
+    assert numbers("该工程前后历时1000年才完工，于2006年正式开放。", "有多少个出口？") == []
 
 
 def test_chinese_numbers_are_numbers_not_words_that_hold_a_numeral():
