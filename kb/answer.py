@@ -15,8 +15,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
 
-from kb.evidence import (STOP_WORDS, Evidence, answer_type, holds_term, join_adjacent, numbers_in,
-                         opens_mid_sentence, question_terms, split_sentences, term_units, tokenize, type_candidates)
+from kb.evidence import (STOP_WORDS, Evidence, answer_type, holds_term, join_adjacent, number_places,
+                         numbers_in, opens_mid_sentence, question_terms, split_sentences, term_units, tokenize,
+                         type_candidates)
 from kb.generator import Generator
 from kb.text import flatten, unspaced_ratio
 from kb.types import Hit
@@ -183,8 +184,7 @@ def _without_headers(body: str, sources: list[Source]) -> str:
     asked "How do I install Rust?", the bundled model wrote "the answer is:" and "[1] Using
     rustc_codegen_cranelift for debug builds — How do I install Rust?" (source 1's title and the question),
     every word in the source or the question, and nothing said."""
-    headers = {_line_key(" — ".join(x for x in (s.title, s.heading, f"page {s.page}" if s.page else "") if x))
-               for s in sources}
+    headers = {_line_key(passage_header(s.title, s.heading, s.page)) for s in sources}
     titles = {s.n: s.title.strip().lower() for s in sources if s.title.strip()}
 
     def copies(line: str) -> bool:
@@ -226,19 +226,16 @@ def misplaced_numbers(body: str, question: str, sources: list[Source]) -> list[s
         return []
     near: dict[str, int] = {}  # number -> most question words near one of its places
     for text in _cited_texts(sources):
-        for m in _NUMBER_AT.finditer(text):
-            a = max(text.rfind(";", 0, m.start()) + 1, m.start() - NUMBER_REACH)
-            b = text.find(";", m.end())
-            b = min(b if b >= 0 else len(text), m.end() + NUMBER_REACH)
-            shared = len(asked & set(tokenize(text[a:b]).keys))
-            number = m.group().replace(",", "")
-            near[number] = max(near.get(number, 0), shared)
+        for start, end, number in number_places(text):
+            a = max(text.rfind(";", 0, start) + 1, start - NUMBER_REACH)
+            b = text.find(";", end)
+            b = min(b if b >= 0 else len(text), end + NUMBER_REACH)
+            near[number] = max(near.get(number, 0), len(asked & set(tokenize(text[a:b]).keys)))
     return sorted(n for n in said if n in near and near[n] == 0
                   and any(v >= 2 for other, v in near.items() if other != n and other not in said))
 
 
 NUMBER_REACH = 50  # characters either side of a number that speak of it
-_NUMBER_AT = re.compile(r"\d+(?:[.,]\d+)*")
 
 
 def invented_numbers(body: str, question: str, sources: list[Source]) -> list[str]:
@@ -321,10 +318,14 @@ _FRAMING = re.compile(r"^\s*(?:according to|based on)\b|^\s*根据", re.I)
 # --- context packing ------------------------------------------------------------------------------
 
 
+def passage_header(title: str, heading: str, page: int | None) -> str:
+    """Where a passage comes from, as the prompt shows it after its number: "title — heading — page 3"."""
+    return " — ".join(x for x in (title, heading, f"page {page}" if page else "") if x)
+
+
 def format_passage(n: int, hit: Hit, text: str | None = None) -> str:
     """A passage as the prompt shows it: its number, where it comes from, its text."""
-    where = " — ".join(x for x in (hit.title, hit.heading, f"page {hit.page}" if hit.page else "") if x)
-    return f"[{n}] {where}\n{hit.text if text is None else text}"
+    return f"[{n}] {passage_header(hit.title, hit.heading, hit.page)}\n{hit.text if text is None else text}"
 
 
 @dataclass

@@ -281,15 +281,15 @@ class KnowledgeBase:
         pool = self.search_result(question, EVIDENCE_POOL * k, mode=mode, filters=filters)
         timings = {**pool.timings, "retrieve_ms": round((time.perf_counter() - t) * 1000, 1)}
         t = time.perf_counter()
-        top = SearchResult(hits=pool.hits[:k], mode=pool.mode, timings=timings, query_vector=pool.query_vector)
-        assessment, passages = self.assess(question, top)
-        timings["evidence_ms"] = round((time.perf_counter() - t) * 1000, 1)
         summary = self._summary(question, pool, k)
         if summary is not None:
             timings["summary"] = True
             timings["evidence_ms"] = round((time.perf_counter() - t) * 1000, 1)
             return SearchResult(hits=summary[0], mode=pool.mode, timings=timings,
                                 query_vector=pool.query_vector), summary[1], summary[2]
+        top = SearchResult(hits=pool.hits[:k], mode=pool.mode, timings=timings, query_vector=pool.query_vector)
+        assessment, passages = self.assess(question, top)
+        timings["evidence_ms"] = round((time.perf_counter() - t) * 1000, 1)
         if len(pool.hits) <= k or assessment.answerability < threshold:
             return top, assessment, passages
         wide, _ = self.assess(question, pool)

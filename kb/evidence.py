@@ -414,17 +414,17 @@ def type_candidates(text: str, kind: str | None, question: str = "") -> list[tup
         patterns.append((by_script[0], True))
     q_lower = question.lower()
     q_keys = set(tokenize(question).keys)
-    dates = [m.span() for m in _YEAR_IN_DATE.finditer(text)] if kind == "number" else []
-    zh_years = [m.span() for m in _YEAR_ZH.finditer(text)] if kind == "number" and not _YEARS_ASKED.search(question) else []
+    # spans that hold no count, by whether the pattern is the Chinese one: a year in a date
+    no_count = {False: [m.span() for m in _YEAR_IN_DATE.finditer(text)] if kind == "number" else [],
+                True: [m.span() for m in _YEAR_ZH.finditer(text)]
+                if kind == "number" and not _YEARS_ASKED.search(question) else []}
     out = []
     for pattern, chinese in patterns:
         for m in pattern.finditer(text):
             span = m.group().strip()
             if not span:
                 continue
-            if not chinese and any(a <= m.start() and m.end() <= b for a, b in dates):
-                continue
-            if chinese and any(a <= m.start() and m.end() <= b for a, b in zh_years):
+            if any(a <= m.start() and m.end() <= b for a, b in no_count[chinese]):
                 continue
             if chinese and span in question:
                 continue
@@ -538,8 +538,7 @@ def prepare_question(question: str, doc_freqs: DocFreqs) -> QuestionTerms:
 # sets' own questions misspell "Bendigo" as "Bedigo", "Abilene" as "ableine", "Super Bowl" as "Superbowl"; a
 # company's name may be only in the folder its policies are in).
 _LATIN_RUN = re.compile(r"[A-Za-z0-9][A-Za-z0-9+#'’.\-]*")
-_QUESTION_OPENERS = frozenset("what which who whom whose when where why how is are was were do does did can could "
-                              "should would will shall may might has have had".split())
+_QUESTION_OPENERS = frozenset("whose shall may might".split())  # question words STOP_WORDS lacks
 
 
 def question_names(question: str) -> list[tuple[str, list[str]]]:
@@ -1061,9 +1060,14 @@ def assess(q: QuestionTerms, passages: Sequence[Passage]) -> Assessment:
 _NUMBER_GROUP = re.compile(r"\d+(?:[.,]\d+)*")
 
 
+def number_places(text: str) -> list[tuple[int, int, str]]:
+    """Where `text` holds digit groups: (start, end, the group with thousands separators dropped)."""
+    return [(m.start(), m.end(), m.group().replace(",", "")) for m in _NUMBER_GROUP.finditer(text)]
+
+
 def numbers_in(text: str) -> set[str]:
     """The digit groups of `text`, thousands separators dropped ("16,000" is "16000", "1.0.0" one group)."""
-    return {m.group().replace(",", "") for m in _NUMBER_GROUP.finditer(text)}
+    return {number for _, _, number in number_places(text)}
 
 
 def _number_missing(question: str, best: Sequence[Evidence]) -> float:
@@ -1249,5 +1253,6 @@ def _join(quote: Evidence, e: Evidence, passage_text: str) -> None:
 
 __all__ = ["Evidence", "Passage", "QuestionTerms", "Assessment", "split_sentences", "answer_type",
            "type_candidates", "prepare_question", "assess", "select_evidence", "join_adjacent", "tokenize", "stem",
-           "question_terms", "answerability", "STOP_WORDS", "holds_term", "numbers_in", "question_names",
+           "question_terms", "answerability", "STOP_WORDS", "holds_term", "numbers_in", "number_places",
+           "question_names",
            "unmentioned", "summary_topic", "summary_assessment"]
