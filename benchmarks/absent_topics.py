@@ -25,15 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from report import print_sections  # noqa: E402  (benchmarks/report.py)
+from report import QA_SETS, print_sections  # noqa: E402  (benchmarks/report.py)
 
 from kb import KnowledgeBase  # noqa: E402
 from kb.evaluate import load_eval_set, write_passages  # noqa: E402
 from kb.evidence import answerability  # noqa: E402
 from kb.text import unspaced_ratio  # noqa: E402
 
-QA = ROOT.parent / "shared" / "data" / "qa"
-DEFAULT_SETS = [QA / "xquad.en.json", QA / "xquad.zh.json", QA / "cmrc2018_trial.json"]
 
 
 def article_of(path: Path, pids: list[str]) -> dict[str, int]:
@@ -79,7 +77,7 @@ def absent(path: Path, cache: Path, limit: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("files", nargs="*", default=[str(p) for p in DEFAULT_SETS])
+    parser.add_argument("files", nargs="*", default=[str(p) for p in QA_SETS])
     parser.add_argument("--limit", type=int, default=600, help="questions per set")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "kb-bench-absent"))
     args = parser.parse_args()

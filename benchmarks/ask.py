@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from kb.api import KnowledgeBase  # noqa: E402
-from report import print_sections  # noqa: E402  (benchmarks/report.py, beside this script)
+from report import QA, print_sections  # noqa: E402  (benchmarks/report.py, beside this script)
 from kb.generator import REPEAT_PENALTY  # noqa: E402
 
 QUESTIONS = [
@@ -37,7 +37,7 @@ QUESTIONS = [
     "How much oil should I put on a bike chain?",
     "Which wifi network does the printer use?",
 ]
-XQUAD_EN = ROOT.parent / "shared" / "data" / "qa" / "xquad.en.json"
+XQUAD_EN = QA / "xquad.en.json"
 
 
 class Recording:

@@ -27,14 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from report import print_sections, run_child  # noqa: E402  (benchmarks/report.py)
+from report import QA_SETS, print_sections, run_child  # noqa: E402  (benchmarks/report.py)
 
 from kb.answer import extractive_text  # noqa: E402
 from kb.evaluate import _open_eval_kb, answer_body, contains_gold, load_eval_set  # noqa: E402
 from kb.evidence import join_adjacent  # noqa: E402
 
-QA = ROOT.parent / "shared" / "data" / "qa"
-DEFAULT_SETS = [QA / "xquad.en.json", QA / "xquad.zh.json", QA / "cmrc2018_trial.json"]
 
 
 def evidence_quality(path: Path, cache: Path) -> dict:
@@ -79,7 +77,7 @@ def cold_extractive(runs: int, home: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("files", nargs="*", default=[str(p) for p in DEFAULT_SETS])
+    parser.add_argument("files", nargs="*", default=[str(p) for p in QA_SETS])
     parser.add_argument("--runs", type=int, default=10, help="cold extractive asks (0: none)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "kb-bench-evidence"))
     args = parser.parse_args()

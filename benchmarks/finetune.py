@@ -23,11 +23,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from kb.api import KnowledgeBase  # noqa: E402
-from report import print_sections, run_child  # noqa: E402  (benchmarks/report.py, beside this script)
+from report import QA, print_sections, run_child  # noqa: E402  (benchmarks/report.py, beside this script)
 from kb.dataset import build_dataset  # noqa: E402
 from kb.evaluate import _open_eval_kb, eval_answers, load_eval_set  # noqa: E402
 
-XQUAD_EN = ROOT.parent / "shared" / "data" / "qa" / "xquad.en.json"
+XQUAD_EN = QA / "xquad.en.json"
 WARM_UP_STEPS = 2  # the first steps allocate and compile; excluded from seconds_per_step
 
 

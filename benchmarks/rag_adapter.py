@@ -32,12 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from report import print_sections, run_child  # noqa: E402  (benchmarks/report.py, beside this script)
+from report import QA, print_sections, run_child  # noqa: E402  (benchmarks/report.py, beside this script)
 
 from kb.dataset import LEAVE_OUT_SHARE, read_questions, split_of  # noqa: E402
 from kb.evaluate import HELD_OUT_SHARE, _open_eval_kb, eval_answers, held_out, load_eval_set  # noqa: E402
 
-QA = ROOT.parent / "shared" / "data" / "qa"
 WARM_UP_STEPS = 2
 REPORTED = ("answer_contains_gold", "f1", "citation_accuracy", "refused_answerable", "refused_unanswerable",
             "generated_contains_gold", "replaced_by_evidence", "refusal_overruled", "refusal_overruled_unanswerable")

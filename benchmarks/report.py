@@ -1,5 +1,5 @@
 """Shared by the benchmarks: the table printer, a child-process runner that measures the child's own peak RSS,
-a percentile, and a free loopback port for the servers they start."""
+a percentile, a free loopback port for the servers they start, and where the shared QA sets lie."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+QA = Path(__file__).resolve().parents[2] / "shared" / "data" / "qa"  # ../shared/data/qa beside the checkout
+QA_SETS = [QA / "xquad.en.json", QA / "xquad.zh.json", QA / "cmrc2018_trial.json"]  # English, Chinese, Chinese
 
 
 def percentile(values: list[float], q: float, digits: int = 2) -> float:
