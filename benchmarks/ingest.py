@@ -1,6 +1,6 @@
 """Ingest and search speed: prints a table and one JSON object.
 
-    python benchmarks/ingest.py [--limit N] [--skip-pdf] [--small-files 20000] [--chunks 100000]
+    python benchmarks/ingest.py [--limit N] [--skip-pdf] [--skip-word-html] [--small-files 20000] [--chunks 100000]
 
 1. `kb ingest` of the rust-blog corpus from a cold process: wall time, files/s, chunks/s, peak RSS, cores
    used (CPU time / wall), and the split into parse, chunk, embed and store (parse and chunk overlap with
@@ -9,8 +9,10 @@
 3. A re-ingest with no change.
 4. `kb ingest` of the PDF corpus, OCR included (scanned pages), in parsing workers: the same measures, pages,
    pages read by OCR and OCR pages per second.
-5. `kb ingest` of --small-files one-paragraph files: files/s, and the time in discovery and hashing.
-6. `kb search` from a cold process, and in-process query latency, per retriever, over a synthetic index of
+5. `kb ingest` of the Word corpus (a 127,000-word handbook and two small files) and of the HTML corpus (25 saved
+   web pages), both read by unstructured in parsing workers: the same measures.
+6. `kb ingest` of --small-files one-paragraph files: files/s, and the time in discovery and hashing.
+7. `kb search` from a cold process, and in-process query latency, per retriever, over a synthetic index of
    --chunks chunks with a realistic term distribution.
 """
 
@@ -146,6 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=0, help="only the first N rust-blog posts (0: all)")
     parser.add_argument("--skip-pdf", action="store_true")
+    parser.add_argument("--skip-word-html", action="store_true")
     parser.add_argument("--small-files", type=int, default=20_000, help="one-paragraph files (0: skip)")
     parser.add_argument("--chunks", type=int, default=100_000, help="size of the synthetic search index")
     args = parser.parse_args()
@@ -171,6 +174,9 @@ def main() -> None:
     results["search_cold_process_s"] = round(wall, 2)
     if not args.skip_pdf:
         results["pdf"] = ingest(DATA / "pdf", work / "home-pdf")
+    if not args.skip_word_html:
+        results["docx"] = ingest(DATA / "docx", work / "home-docx")
+        results["html"] = ingest(DATA / "html", work / "home-html")
     if args.small_files:
         results["small_files"] = small_files(args.small_files, work)
     results["search_in_process"] = synthetic_search(args.chunks)
@@ -194,6 +200,11 @@ def main() -> None:
                      f"{p['pages']} pages ({p['ocr_pages']} by OCR, {p['ocr_pages_per_s']} pages/s), {p['chunks']} chunks"))
         rows.append(("  parse / ocr / chunk / embed / store", " / ".join(str(p["split_s"][k]) for k in ("parse", "ocr", "chunk", "embed", "store")),
                      f"seconds; {p['cores_used']} cores used, peak RSS {p['peak_rss_mb']} MB"))
+    for name, label in (("docx", "Word corpus ingest"), ("html", "HTML corpus ingest")):
+        if name in results:
+            r = results[name]
+            rows.append((label, f"{r['wall_s']} s", f"{r['files']} files ({r['failed']} failed), {r['chunks']} chunks; "
+                         f"parse {r['split_s']['parse']} s, embed {r['split_s']['embed']} s, {r['cores_used']} cores used"))
     if "small_files" in results:
         f = results["small_files"]
         rows.append((f"{f['files']} one-paragraph files", f"{f['wall_s']} s", f"{f['files_per_s']} files/s; discover "
