@@ -56,8 +56,8 @@ def _skip_narrative_guess() -> None:
     "narrative text" or other text.
 
     The guess runs spaCy's tagger and parser on every paragraph whose style or tag says nothing (a Word
-    "Normal" paragraph, a <p> or <div>): 85% of the time of reading a Word file (20 of 23 s for the 127,000-word
-    handbook in ../shared/data) and of reading the 25 web pages there (4.0 of 4.7 s). Its only outcome is
+    "Normal" paragraph, a <p> or <div>): 85% of the time of reading a Word file (of about 22 s for the 127,000-word
+    handbook in ../shared/data) and of reading the 25 web pages there (profiled). Its only outcome is
     NarrativeText or Text, which kb reads alike, as body text: headings come from styles and heading tags,
     tables from table parts, list items, addresses and e-mail addresses from checks made before it. The parsed
     text is the same (docs/ingest.md); tests/test_text_formats.py fails if spaCy runs again while either is read.
