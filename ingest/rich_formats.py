@@ -170,30 +170,26 @@ def parse_html(path: Path) -> ParsedDocument:
     unstructured_ready()
     from unstructured.partition.html import partition_html
 
-    content = None
-    if MAIN_CONTENT:  # the page's own content, not its menus, ads and link lists (ingest/html_main.py)
-        from ingest.html_main import decode, main_content
+    from ingest.html_main import decode, main_content
 
-        content = main_content(decode(raw))
-    if content is not None:
-        elements = partition_html(text=content, languages=["eng"])
-    else:
-        elements = partition_html(filename=str(path), languages=["eng"])
+    page = decode(raw)  # the page's charset honoured: a GBK page's title and text are Chinese, not mojibake
+    # the page's own content, not its menus, ads and link lists (ingest/html_main.py)
+    content = main_content(page) if MAIN_CONTENT else None
+    elements = partition_html(text=page if content is None else content, languages=["eng"])
     sections = _sections_from_elements(elements, paged=False)
-    title = _html_title(raw) or (sections[0].headings[0] if sections and sections[0].headings else path.stem)
+    title = _html_title(page) or (sections[0].headings[0] if sections and sections[0].headings else path.stem)
     if not sections:
         raise EmptyDocument("no text found in the HTML page")
     return ParsedDocument(path=str(path), file_type="html", title=title, sections=sections)
 
 
-def _html_title(raw: bytes) -> str | None:
-    match = re.search(rb"<title[^>]*>(.*?)</title>", raw, re.I | re.S)
+def _html_title(page: str) -> str | None:
+    match = re.search(r"<title[^>]*>(.*?)</title>", page, re.I | re.S)
     if not match:
         return None
     import html
 
-    title = html.unescape(match.group(1).decode("utf-8", errors="replace")).strip()
-    return re.sub(r"\s+", " ", title) or None
+    return re.sub(r"\s+", " ", html.unescape(match.group(1))).strip() or None
 
 
 # A Word file is a zip. Its parts' declared sizes are checked before anything is inflated: a "zip bomb"

@@ -146,6 +146,17 @@ def test_html_pages_in_other_encodings_are_decoded():
     assert decode(declared.encode("cp1252")) == declared
 
 
+def test_a_gbk_page_has_a_chinese_title_and_text(tmp_path):
+    """The title comes from the decoded page: it read "��˾����" for a GB2312 page whose text was right."""
+    f = tmp_path / "news.html"
+    f.write_bytes('<html><head><meta http-equiv="Content-Type" content="text/html; charset=gb2312"><title>公司新闻'
+                  '</title></head><body><h1>研发中心</h1><p>本公司于二零二三年三月在上海成立了新的研发中心，员工人数达到二百人。'
+                  '</p></body></html>'.encode("gbk"))
+    doc = parse_file(f, "html")
+    assert doc.title == "公司新闻"
+    assert "员工人数达到二百人" in doc.sections[0].text and doc.sections[0].headings == ["研发中心"]
+
+
 def test_html_the_rules_never_empty_a_page(tmp_path):
     """A page whose every block has a class the rules distrust keeps its text (parsed whole)."""
     import ingest.html_main as html_main
