@@ -496,6 +496,11 @@ class KnowledgeBase:
             "ingested": chunks > 0,
         }
 
+    def documents(self) -> list[dict]:
+        """Every indexed document, the latest ingested first: path, title, file_type, chunks, date (its own,
+        from front matter or metadata, or None), ingested_at (epoch seconds), size (bytes)."""
+        return self._open_store().list_documents() if self._has_store() else []
+
     def close(self) -> None:
         if self._store is not None:
             self._store.close()

@@ -64,6 +64,11 @@ def translate_errors(fn):
         except KeyboardInterrupt:
             click.echo("\nInterrupted.", err=True)
             sys.exit(130)
+        except BrokenPipeError:
+            # the reader went away (`kb status -d | head`): stop quietly, as a process killed by SIGPIPE would,
+            # with stdout pointed at /dev/null so that flushing it on the way out fails no more
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except Exception as e:
             if os.environ.get(DEBUG_ENV) and not isinstance(e, KBError):
                 raise
@@ -73,9 +78,15 @@ def translate_errors(fn):
 
 
 def _open(home, settings: dict | None = None, **options):
+    """The knowledge base a command works on, closed when the command ends (its database connection too, which
+    folds SQLite's write-ahead log into the database file, also when the command runs inside a longer process)."""
     from kb.api import KnowledgeBase
 
-    return KnowledgeBase(home, **{**(settings or {}), **options})
+    kb = KnowledgeBase(home, **{**(settings or {}), **options})
+    context = click.get_current_context(silent=True)
+    if context is not None:
+        context.call_on_close(kb.close)
+    return kb
 
 
 class _WarningLine(logging.Handler):
@@ -914,11 +925,16 @@ def models_default(name, home):
 @cli.command()
 @HOME_OPTION
 @settings_options(STORE)
+@click.option("--documents", "-d", "list_documents", is_flag=True,
+              help="Also list every indexed document: when it was ingested, its type, chunks and path.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @translate_errors
-def status(home, settings, as_json):
+def status(home, settings, list_documents, as_json):
     """Documents, chunks, embedding model, index size, last ingest."""
-    info = _open(home, settings).status()
+    kb = _open(home, settings)
+    info = kb.status()
+    if list_documents:
+        info["document_list"] = kb.documents()
     if as_json:
         click.echo(json.dumps(info, ensure_ascii=False, indent=2))
         return
@@ -932,6 +948,13 @@ def status(home, settings, as_json):
     click.echo(f"embedding model: {info['embedding_model']} (dim {info['dim']}, {info['max_tokens']} tokens a chunk)")
     click.echo(f"size on disk:    {info['size_bytes'] / 1e6:.1f} MB")
     click.echo(f"last ingest:     {info['last_ingest']}")
+    if list_documents:
+        click.echo("")
+        click.echo(f"{'ingested':16}  {'type':8} {'chunks':>6}  path")
+        for d in info["document_list"]:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(d["ingested_at"])) if d["ingested_at"] else "?"
+            title = f"  ({d['title']})" if d["title"] and d["title"] != Path(d["path"]).stem else ""
+            click.echo(f"{when:16}  {d['file_type']:8} {d['chunks']:>6}  {d['path']}{title}")
 
 
 @cli.command()

@@ -299,6 +299,31 @@ def test_doctor_repairs_stale_cache_missing_full_text_and_forgotten_files(cli_kb
 # --- CLI commands that had no test ----------------------------------------------------------------------------
 
 
+def test_cli_status_lists_the_documents(cli_kb, corpus):
+    assert cli_kb("ingest", str(corpus), "-q").exit_code == 0
+    listed = json.loads(cli_kb("status", "--documents", "--json").output)["document_list"]
+    assert sorted(Path(d["path"]).name for d in listed) == ["alpha.md", "beta.txt", "gamma.md"]
+    alpha = next(d for d in listed if d["path"].endswith("alpha.md"))
+    assert alpha["title"] == "Alpha notes" and alpha["file_type"] == "markdown" and alpha["chunks"] >= 1
+    lines = cli_kb("status", "-d").output.splitlines()
+    row = next(line for line in lines if line.endswith("alpha.md  (Alpha notes)"))
+    assert " markdown " in row and f" {alpha['chunks']} " in row
+    assert cli_kb("forget", str(corpus / "beta.txt")).exit_code == 0
+    assert "beta.txt" not in cli_kb("status", "-d").output
+    assert "document_list" not in json.loads(cli_kb("status", "--json").output)
+
+
+def test_a_reader_that_goes_away_stops_kb_quietly(tmp_path):
+    """`kb status | head -1`: the pipe closes before kb has written; no "Error: Broken pipe" with a hint about
+    paths, no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "kb", "status", "--kb", str(tmp_path / "home")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+    proc.stdout.close()  # before kb writes its first line
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, stderr
+    assert stderr == ""
+
+
 def test_cli_forget_personas_chat_continue_and_log(cli_kb, corpus):
     assert cli_kb("ingest", str(corpus), "-q").exit_code == 0
     result = cli_kb("forget", str(corpus / "beta.txt"))
