@@ -220,6 +220,7 @@ def parse_docx(path: Path) -> ParsedDocument:
     unstructured_ready()
     from unstructured.partition.docx import partition_docx
 
+    _docx_headings_by_outline()
     try:
         elements = partition_docx(filename=str(path), languages=["eng"])
     except Exception as e:
@@ -229,6 +230,62 @@ def parse_docx(path: Path) -> ParsedDocument:
         raise EmptyDocument("no text found in the Word file")
     title = _docx_title(path) or path.stem
     return ParsedDocument(path=str(path), file_type="docx", title=title, sections=sections)
+
+
+_HEADING_STYLE = re.compile(r"^(?:heading\s*(\d)|title)$", re.I)
+
+
+def _outline_level(paragraph, styles: dict) -> int | None:
+    """The heading level (0 for the top) Word gives a paragraph: its own outline level, else the nearest in
+    its style chain, a style that is or is based on a built-in heading style counting as its level. None for
+    body text (no level, or level 9). `styles` caches the chain's answer by style id."""
+    own = paragraph._p.xpath("./w:pPr/w:outlineLvl/@w:val")
+    if own:
+        return int(own[0]) if own[0].isdigit() and int(own[0]) < 9 else None
+    style_id = paragraph._p.style
+    if style_id in styles:
+        return styles[style_id]
+    level, style, seen = None, paragraph.style, set()
+    while style is not None and style.style_id not in seen:
+        seen.add(style.style_id)
+        value = style.element.xpath("./w:pPr/w:outlineLvl/@w:val")
+        if value:
+            level = int(value[0]) if value[0].isdigit() and int(value[0]) < 9 else None
+            break
+        named = _HEADING_STYLE.match(style.name or "")
+        if named:
+            level = int(named.group(1)) - 1 if named.group(1) else 0
+            break
+        style = style.base_style
+    styles[style_id] = level
+    return level
+
+
+@lru_cache(maxsize=1)
+def _docx_headings_by_outline() -> None:
+    """Headings of Word files whose heading styles are not the built-in ones by name.
+
+    unstructured takes a paragraph for a heading only when its style is named "Heading N" or "Title". Templates,
+    and Chinese ones most of all, name their own heading styles ("标题 1", "章节标题"), base them on Heading 1 or
+    give them an outline level, and some documents set the level on the paragraph itself: all of those were read
+    as body text and their sections had no headings. kb gives unstructured the name "Heading N" for a paragraph
+    whose outline level (its own, or the nearest in its style chain, a built-in heading style counting) is N - 1.
+    """
+    from unstructured.partition import docx
+
+    partitioner = getattr(docx, "_DocxPartitioner", None)
+    original = getattr(partitioner, "_style_name", None)
+    if original is None:
+        return
+
+    def style_name(self, paragraph) -> str:
+        name = original(self, paragraph)
+        if _HEADING_STYLE.match(name):
+            return name
+        level = _outline_level(paragraph, self.__dict__.setdefault("_kb_outline_levels", {}))
+        return name if level is None else f"Heading {level + 1}"
+
+    partitioner._style_name = style_name
 
 
 def _docx_title(path: Path) -> str | None:

@@ -259,3 +259,33 @@ def test_word_and_html_are_read_without_guessing_from_words(tmp_path, monkeypatc
     assert "twenty days" in by_heading[("Leave",)]
     assert "doctor's note" in by_heading[("Leave", "Sick days")]
     assert "| Monitor | 300 EUR |" in by_heading[("Leave", "Sick days")]
+
+
+def test_word_headings_by_outline_level_and_custom_heading_styles(tmp_path):
+    """A template's own heading styles ("标题 1" based on Heading 1, "章节标题" with an outline level) and a
+    paragraph given an outline level directly are headings; outline level 9 is body text."""
+    docx = pytest.importorskip("docx")
+    from docx.enum.style import WD_STYLE_TYPE
+    from docx.oxml import OxmlElement
+    from docx.oxml.ns import qn
+
+    def outline(element, level: int) -> None:
+        node = OxmlElement("w:outlineLvl")
+        node.set(qn("w:val"), str(level))
+        element.get_or_add_pPr().append(node)
+
+    d = docx.Document()
+    d.styles.add_style("标题 1", WD_STYLE_TYPE.PARAGRAPH).base_style = d.styles["Heading 1"]
+    outline(d.styles.add_style("小节标题", WD_STYLE_TYPE.PARAGRAPH).element, 1)
+    d.add_paragraph("第一章 考勤制度", style="标题 1")
+    d.add_paragraph("每天工作八小时，上午九点上班。")
+    d.add_paragraph("迟到", style="小节标题")
+    d.add_paragraph("迟到超过三十分钟按旷工半天处理。")
+    outline(d.add_paragraph("第二章 休假制度")._p, 0)
+    outline(d.add_paragraph("员工每年享有五天带薪年假。")._p, 9)
+    f = tmp_path / "手册.docx"
+    d.save(f)
+    by_heading = {tuple(s.headings): s.text for s in parse_file(f, "docx").sections}
+    assert by_heading == {("第一章 考勤制度",): "每天工作八小时，上午九点上班。",
+                          ("第一章 考勤制度", "迟到"): "迟到超过三十分钟按旷工半天处理。",
+                          ("第二章 休假制度",): "员工每年享有五天带薪年假。"}
