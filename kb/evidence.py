@@ -718,7 +718,10 @@ WEIGHTS = {
 _REFERENCE_HEADING = re.compile(
     r"(?:^|>)\s*(?:references?|citations?|footnotes|bibliography|works cited|further reading|external links|see also|"
     r"notes and references|references and notes|参考文献|参考资料|外部链接|延伸阅读|脚注|相关条目)\s*[:：]?\s*$", re.I)
-_CITATION_LINE = re.compile(r"\s*[\^↑]")
+# a footnote's back-link, or a pointer to another part of the document ("See also Chapter 2, section D, Calculation
+# and Collection of Percentage Fee.", "详见第三章"): it names where the answer is, it does not give it
+_CITATION_LINE = re.compile(r"\s*(?:[\^↑]|see\s+also\b|see\s+(?:chapter|section|part|appendix|pages?|§)\s|cf\.\s"
+                            r"|(?:参见|详见|见)第)", re.I)
 
 
 # A sentence that opens with a pronoun ("It is native to ...", "它的根部 ...") speaks of what the sentence
@@ -806,8 +809,21 @@ def _sentences(passage: Passage, q: QuestionTerms) -> tuple[list[_Sentence], set
             limit = page.start() if page else e
             restates = not any(_new_word(passage.text, tokens, i, asked, limit)
                                for i in range(lo, bisect.bisect_left(starts, limit)))
+        if not restates and any(found.values()):
+            restates = _in_capitals(passage.text[s:e])
         out.append(_Sentence(s, e, {t: p for t, p in found.items() if p}, wording, restates=restates))
     return out, {t for t, pos in positions.items() if pos}
+
+
+def _in_capitals(line: str) -> bool:
+    """A heading set in capitals inside the text ("D. CALCULATION AND COLLECTION OF PERCENTAGE FEE"): it names
+    what the section below says and states nothing itself, so it counts as restating the question even where
+    it holds a word the question lacks. Not a table row, nor a line that ends like a sentence."""
+    line = line.strip()
+    if not line or line[-1] in ".!?。！？" or _TABLE_LINE.match(line):
+        return False
+    # every letter a capital (a Chinese sentence naming "CBSE 和CISCE" is no heading), in two words or more
+    return len(re.findall(r"[A-Za-z]{2,}", line)) >= 2 and all(c.isupper() for c in line if c.isalpha())
 
 
 # the page number that ends a line of a table of contents: glued to the title (Word drops the tab), after dot

@@ -720,6 +720,24 @@ def test_a_line_that_only_repeats_the_question_is_not_evidence():
     assert "Quaternary" in assess(q, [Passage(n=1, text=text)]).evidence(1)[0].text
 
 
+def test_a_heading_in_capitals_and_a_pointer_elsewhere_are_not_evidence():
+    """Over the shared Word handbook "How is the percentage fee calculated?" was answered with the heading
+    "D. CALCULATION AND COLLECTION OF PERCENTAGE FEE" (it holds "collection", which the question lacks) and the
+    pointer "See also Chapter 2, section D, Calculation and Collection of Percentage Fee."."""
+    heading = ("D. CALCULATION AND COLLECTION OF PERCENTAGE FEE\n\nThe standing trustee is authorized to collect "
+               "the percentage fee upon receipt of the payment. The fee is calculated on all receipts.")
+    pointer = "Disbursements are made monthly. See also Chapter 2, section D, Calculation and Collection of Percentage Fee."
+    q = prepare_question("How is the percentage fee calculated?", flat_doc_freqs)
+    evidence = assess(q, [Passage(n=1, text=pointer), Passage(n=2, text=heading)]).evidence(2)
+    assert evidence[0].text in ("The standing trustee is authorized to collect the percentage fee upon receipt of "
+                                "the payment.", "The fee is calculated on all receipts.")
+    assert all("PERCENTAGE FEE" not in e.text and not e.text.startswith("See also") for e in evidence)
+    # a Chinese sentence that names acronyms is no heading; "详见第三章" points elsewhere
+    q = prepare_question("印度有哪些考试委员会？", flat_doc_freqs)
+    text = "详见第三章：考试委员会。在多个州都有著名的考试委员会，分别是 CBSE 和CISCE，NENBSE"
+    assert assess(q, [Passage(n=1, text=text)]).evidence(1)[0].text.startswith("在多个州都有著名的考试委员会")
+
+
 def test_a_sentence_in_the_question_s_own_words_wins_a_tie(monkeypatch):
     import kb.evidence
 
