@@ -333,6 +333,14 @@ _YEAR_IN_DATE = re.compile(
     r"|\b(?:" + "|".join(_MONTHS) + r")\.?\s+\d{1,2}(?:st|nd|rd|th)?,?\s+(?:1[0-9]{3}|20[0-9]{2})\b"
     # nor do a reference mark ("[280]") or "one of" (which picks one out of many)
     r"|\[\d{1,4}\]|\bone\s+of\b", re.I)
+# A number that labels a part of a text or a law ("chapter 13", "§ 322", "11 U.S.C.", "Figure 2", "page 40")
+# names it, it counts nothing: "How much is the surety bond?" over a bankruptcy handbook quoted the heading
+# "11 U.S.C. § 322 Surety Bond" instead of "The amount of the bond ... will be determined by the United States
+# Trustee."
+_LABEL_NUMBER = re.compile(
+    r"(?:§+\s*|\b(?:chapters?|chap\.|sections?|sec\.|articles?|art\.|rules?|parts?|pages?|pp?\.|figures?|fig\.|"
+    r"tables?|appendix|steps?|versions?|no\.|items?|clauses?|paragraphs?|titles?)\s+)\d[\w.()–-]*"
+    r"|\b\d+\s+U\.\s?S\.\s?C\.", re.I)
 # ... and "2006年" says when, unless the question asks how many years ("多少年", "几年").
 _YEAR_ZH = re.compile(r"(?<![0-9])(?:1[0-9]{3}|20[0-9]{2})\s*年")
 _YEARS_ASKED = re.compile(r"多少年|几年|多少个年")
@@ -415,7 +423,8 @@ def type_candidates(text: str, kind: str | None, question: str = "") -> list[tup
     q_lower = question.lower()
     q_keys = set(tokenize(question).keys)
     # spans that hold no count, by whether the pattern is the Chinese one: a year in a date
-    no_count = {False: [m.span() for m in _YEAR_IN_DATE.finditer(text)] if kind == "number" else [],
+    no_count = {False: [m.span() for r in (_YEAR_IN_DATE, _LABEL_NUMBER) for m in r.finditer(text)]
+                if kind == "number" else [],
                 True: [m.span() for m in _YEAR_ZH.finditer(text)]
                 if kind == "number" and not _YEARS_ASKED.search(question) else []}
     out = []

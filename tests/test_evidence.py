@@ -720,6 +720,19 @@ def test_a_line_that_only_repeats_the_question_is_not_evidence():
     assert "Quaternary" in assess(q, [Passage(n=1, text=text)]).evidence(1)[0].text
 
 
+def test_a_number_that_labels_a_part_of_a_text_or_a_law_is_no_amount():
+    from kb.evidence import type_candidates
+
+    def numbers(text):
+        return [text[a:b] for a, b in type_candidates(text, "number", "How much is the surety bond?")]
+
+    assert numbers("11 U.S.C. § 322 Surety Bond") == []
+    assert "".join(numbers("See chapter 13 and Figure 2: the bond is 5,000 dollars.")) == "5000"  # digit by digit
+    q = prepare_question("How much is the surety bond?", flat_doc_freqs)
+    text = "11 U.S.C. § 322 Surety Bond\n\nThe surety bond costs 2,500 dollars a year."
+    assert assess(q, [Passage(n=1, text=text)]).evidence(1)[0].text == "The surety bond costs 2,500 dollars a year."
+
+
 def test_a_heading_in_capitals_and_a_pointer_elsewhere_are_not_evidence():
     """Over the shared Word handbook "How is the percentage fee calculated?" was answered with the heading
     "D. CALCULATION AND COLLECTION OF PERCENTAGE FEE" (it holds "collection", which the question lacks) and the
