@@ -247,9 +247,44 @@ def parse_rst(path: Path) -> ParsedDocument:
     return _document(path, "rst", title, sections, {}, [])
 
 
+# Plain text has no markup, but laws, regulations, manuals and novels saved as .txt mark their parts in words:
+# a line of its own that is "第一章 总则", "第二节 年假", "第三编 ...", "Chapter 4: Refunds", "PART II", "Section 2.1
+# Scope". Those lines are headings (a chapter's articles, "第十条 ...", are its text). The level: 编/篇/部分/卷 and
+# Part above 章 and Chapter, above 节 and Section.
+_CN_NUMERAL = "[一二三四五六七八九十百千零〇两0-9０-９]+"
+_TEXT_HEADING = re.compile(
+    rf"^\s*(?:第{_CN_NUMERAL}(?P<zh>[编篇卷]|部分|章|节)[ \t\u3000:：.、—–-]*[^。！？；，,.!?;:：]{{0,24}}"
+    r"|(?P<en>Part|PART|Chapter|CHAPTER|Section|SECTION)\s+(?:[0-9]+(?:\.[0-9]+)*|[IVXLC]+|[ivxlc]+)\b[.:]?"
+    r"(?:[ \t:.—–-]+[A-Z0-9\"“‘'(][^.!?;,]{0,60}[^.!?;,\s])?)\s*$")
+_TEXT_HEADING_LEVEL = {"编": 1, "篇": 1, "卷": 1, "部分": 1, "part": 1, "章": 2, "chapter": 2, "节": 3, "section": 3}
+
+
 def parse_text(path: Path) -> ParsedDocument:
     text = read_text(path)
-    return _document(path, "text", path.stem, [Section(text=text.strip())], {}, [])
+    sections: list[Section] = []
+    stack: list[tuple[int, str]] = []
+    buf: list[str] = []
+
+    def flush():
+        content = "\n".join(buf).strip()
+        if content:
+            sections.append(Section(text=content, headings=[h for _, h in stack]))
+        buf.clear()
+
+    for line in text.split("\n"):
+        heading = _TEXT_HEADING.match(line) if len(line) <= 80 else None
+        if heading is None:
+            buf.append(line)
+            continue
+        flush()
+        level = _TEXT_HEADING_LEVEL[(heading.group("zh") or heading.group("en")).lower()]
+        while stack and stack[-1][0] >= level:
+            stack.pop()
+        stack.append((level, " ".join(line.split())))
+    flush()
+    if not sections and stack:  # headings alone: keep them as the text
+        sections = [Section(text=text.strip())]
+    return _document(path, "text", path.stem, sections, {}, [])
 
 
 def _document(path, ftype, title, sections, meta, warnings) -> ParsedDocument:

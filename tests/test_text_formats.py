@@ -47,6 +47,24 @@ def test_rst_headings(tmp_path):
     assert [s.headings for s in doc.sections] == [[], ["Install"]]
 
 
+def test_plain_text_chapters_and_sections_are_headings(tmp_path):
+    """A regulation or a manual saved as .txt marks its parts in words; those lines are headings, and a sentence
+    that names a chapter is not one."""
+    f = tmp_path / "手册.txt"
+    f.write_text("员工手册\n\n第一章 总则\n\n第一条 为规范公司管理，制定本手册。\n\n第二章休假制度\n\n第一节 年假\n\n"
+                 "第三条 员工工作满一年后享有五天带薪年假。\n\n第二节　病假\n\n第四条 病假须提供医院证明。\n第二章所述假期均须提前申请。\n\n"
+                 "Chapter 3: Expenses\nHotels are reimbursed up to 500 yuan a night.\nSection 2 applies to all staff.\n",
+                 encoding="utf-8")
+    sections = [(s.headings, s.text) for s in parse_file(f, "text").sections]
+    assert sections == [
+        ([], "员工手册"),
+        (["第一章 总则"], "第一条 为规范公司管理，制定本手册。"),
+        (["第二章休假制度", "第一节 年假"], "第三条 员工工作满一年后享有五天带薪年假。"),
+        (["第二章休假制度", "第二节 病假"], "第四条 病假须提供医院证明。\n第二章所述假期均须提前申请。"),
+        (["Chapter 3: Expenses"], "Hotels are reimbursed up to 500 yuan a night.\nSection 2 applies to all staff."),
+    ]
+
+
 def test_gbk_chinese_text_is_decoded(tmp_path):
     f = tmp_path / "zh.txt"
     text = "这是一个用GBK编码保存的中文文件，kb 应该能够正确地读取它的内容，而不是乱码。" * 3
