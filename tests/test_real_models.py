@@ -229,3 +229,28 @@ def test_truncated_gguf_is_a_clear_error(example_home, tmp_path):
     result = CliRunner().invoke(cli, ["ask", "How often should I feed a sourdough starter?", "--kb", str(home),
                                       "--model", str(truncated)])
     assert result.exit_code == 1 and str(truncated) in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.real
+def test_the_bundled_model_runs_from_its_q8_0_copy(tmp_path, monkeypatch, caplog):
+    """The primary path on the real file: the Q8_0 copy is written once and is what llama.cpp loads; where it
+    cannot be written, the original loads and a warning says so."""
+    from kb.gguf import read_header
+    from kb.generator import LlamaGenerator, _LOADED, bundled_model_path, runtime_model_file
+
+    monkeypatch.setenv("KB_CACHE_DIR", str(tmp_path / "cache"))
+    bundled = bundled_model_path()
+    copy = runtime_model_file(bundled)
+    assert copy.parent == tmp_path / "cache" and copy.name.endswith(".Q8_0.gguf")
+    assert read_header(copy).quantization == "Q8_0"  # quantize writes general.file_type last
+    assert runtime_model_file(bundled) == copy and not list(copy.parent.glob(".*.tmp"))
+    _LOADED.clear()
+    generator = LlamaGenerator(None)
+    assert generator.llm.model_path == str(copy) and generator.model_id == bundled.name
+    assert generator.count_tokens("Feed the starter once a day.") > 3
+    _LOADED.clear()
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("KB_CACHE_DIR", str(tmp_path / "not-a-folder" / "cache"))
+    with caplog.at_level("WARNING", logger="kb"):
+        assert runtime_model_file(bundled) == bundled
+    assert "loading SmolLM2-135M-Instruct.Q4_1.gguf as it is" in caplog.text

@@ -202,11 +202,13 @@ def test_remote_embeddings_for_ingest_and_queries(make_kb, corpus, scripted_serv
 def start_llama_server(n_ctx: int):
     import tempfile
 
-    from kb.generator import bundled_model_path
+    from kb.generator import bundled_model_path, runtime_model_file
 
     port = free_port()
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(bundled_model_path()),
+    # the file kb itself loads for the bundled model (its Q8_0 copy), so that both run the same weights
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model",
+                             str(runtime_model_file(bundled_model_path())),
                              "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", "2"],
                             stdout=log, stderr=subprocess.STDOUT)  # a pipe nobody reads would fill and block it
     url = f"http://127.0.0.1:{port}/v1"
