@@ -108,7 +108,8 @@ def runtime_model_file(path: Path) -> Path:
         _requantize(path, target)
     except (OSError, RuntimeError) as e:
         logging.getLogger("kb").warning("could not write the %s copy of the bundled model to %s (%s); loading %s as "
-                                        "it is, which reads prompts about half as fast", RUNTIME_TYPE, target, e, path.name)
+                                        "it is, which reads prompts about half as fast (set KB_CACHE_DIR to a folder kb "
+                                        "may write)", RUNTIME_TYPE, target, e, path.name)
         return path
     return target
 
