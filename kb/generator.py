@@ -116,8 +116,10 @@ def runtime_model_file(path: Path) -> Path:
 
 def _requantize(source: Path, target: Path) -> None:
     """Write `source` with its weights as Q8_0 to `target`, atomically (a temporary file, then a rename), with
-    llama.cpp's log kept off the terminal."""
+    llama.cpp's log kept off the terminal: llama-cpp-python prints it to sys.stderr, llama.cpp itself to fd 2."""
+    import contextlib
     import ctypes
+    import io
     import sys
 
     import llama_cpp
@@ -131,7 +133,7 @@ def _requantize(source: Path, target: Path) -> None:
     sys.stderr.flush()
     saved = os.dup(2)
     try:
-        with open(os.devnull, "wb") as devnull:
+        with open(os.devnull, "wb") as devnull, contextlib.redirect_stderr(io.StringIO()):
             os.dup2(devnull.fileno(), 2)
             rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
     finally:

@@ -232,15 +232,18 @@ def test_truncated_gguf_is_a_clear_error(example_home, tmp_path):
 
 
 @pytest.mark.real
-def test_the_bundled_model_runs_from_its_q8_0_copy(tmp_path, monkeypatch, caplog):
-    """The primary path on the real file: the Q8_0 copy is written once and is what llama.cpp loads; where it
-    cannot be written, the original loads and a warning says so."""
+def test_the_bundled_model_runs_from_its_q8_0_copy(tmp_path, monkeypatch, caplog, capfd):
+    """The primary path on the real file: the Q8_0 copy is written once, quietly (llama.cpp's log of it reached
+    `kb dataset check --json` and the terminal), and is what llama.cpp loads; where it cannot be written, the
+    original loads and a warning says so."""
     from kb.gguf import read_header
     from kb.generator import LlamaGenerator, _LOADED, bundled_model_path, runtime_model_file
 
     monkeypatch.setenv("KB_CACHE_DIR", str(tmp_path / "cache"))
     bundled = bundled_model_path()
+    capfd.readouterr()
     copy = runtime_model_file(bundled)
+    assert capfd.readouterr() == ("", "")
     assert copy.parent == tmp_path / "cache" and copy.name.endswith(".Q8_0.gguf")
     assert read_header(copy).quantization == "Q8_0"  # quantize writes general.file_type last
     assert runtime_model_file(bundled) == copy and not list(copy.parent.glob(".*.tmp"))
