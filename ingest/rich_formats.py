@@ -239,9 +239,12 @@ def _outline_level(paragraph, styles: dict) -> int | None:
     """The heading level (0 for the top) Word gives a paragraph: its own outline level, else the nearest in
     its style chain, a style that is or is based on a built-in heading style counting as its level. None for
     body text (no level, or level 9). `styles` caches the chain's answer by style id."""
+    def heading_level(value: str) -> int | None:
+        return int(value) if value.isdigit() and int(value) < 9 else None
+
     own = paragraph._p.xpath("./w:pPr/w:outlineLvl/@w:val")
     if own:
-        return int(own[0]) if own[0].isdigit() and int(own[0]) < 9 else None
+        return heading_level(own[0])
     style_id = paragraph._p.style
     if style_id in styles:
         return styles[style_id]
@@ -250,7 +253,7 @@ def _outline_level(paragraph, styles: dict) -> int | None:
         seen.add(style.style_id)
         value = style.element.xpath("./w:pPr/w:outlineLvl/@w:val")
         if value:
-            level = int(value[0]) if value[0].isdigit() and int(value[0]) < 9 else None
+            level = heading_level(value[0])
             break
         named = _HEADING_STYLE.match(style.name or "")
         if named:

@@ -141,27 +141,38 @@ def normalize_metadata(meta: dict) -> dict:
     return out
 
 
+class _Outline:
+    """Sections of a document read line by line: text lines gather under the headings open above them."""
+
+    def __init__(self) -> None:
+        self.sections: list[Section] = []
+        self.stack: list[tuple[int, str]] = []  # (level, title) of the open headings, outermost first
+        self.lines: list[str] = []  # the text since the last heading
+
+    def flush(self) -> None:
+        content = "\n".join(self.lines).strip()
+        if content:
+            self.sections.append(Section(text=content, headings=[h for _, h in self.stack]))
+        self.lines.clear()
+
+    def open_heading(self, level: int, title: str) -> None:
+        self.flush()
+        while self.stack and self.stack[-1][0] >= level:
+            self.stack.pop()
+        self.stack.append((level, title))
+
+
 def parse_markdown(path: Path) -> ParsedDocument:
     text = read_text(path)
     meta, body, warnings = split_front_matter(text)
-    sections: list[Section] = []
-    stack: list[tuple[int, str]] = []
-    lines: list[str] = []
+    outline = _Outline()
+    lines = outline.lines
     first_h1: str | None = None
     fence: str | None = None
 
-    def flush():
-        content = "\n".join(lines).strip()
-        if content:
-            sections.append(Section(text=content, headings=[h for _, h in stack]))
-        lines.clear()
-
     def open_heading(level: int, title: str):
         nonlocal first_h1
-        flush()
-        while stack and stack[-1][0] >= level:
-            stack.pop()
-        stack.append((level, title))
+        outline.open_heading(level, title)
         if level == 1 and first_h1 is None:
             first_h1 = title
 
@@ -186,10 +197,10 @@ def parse_markdown(path: Path) -> ParsedDocument:
             open_heading(1 if setext.group(1)[0] == "=" else 2, title)
             continue
         lines.append(line)
-    flush()
+    outline.flush()
     title = str(meta.get("title") or first_h1 or path.stem)
-    _drop_title_heading(sections, title)
-    return _document(path, "markdown", title, sections, meta, warnings)
+    _drop_title_heading(outline.sections, title)
+    return _document(path, "markdown", title, outline.sections, meta, warnings)
 
 
 def _is_block_start(line: str) -> bool:
@@ -207,17 +218,9 @@ def parse_rst(path: Path) -> ParsedDocument:
     text = read_text(path)
     lines = text.split("\n")
     styles: list[tuple[str, bool]] = []
-    sections: list[Section] = []
-    stack: list[tuple[int, str]] = []
-    buf: list[str] = []
+    outline = _Outline()
     first_title: str | None = None
     i = 0
-
-    def flush():
-        content = "\n".join(buf).strip()
-        if content:
-            sections.append(Section(text=content, headings=[h for _, h in stack]))
-        buf.clear()
 
     while i < len(lines):
         line = lines[i]
@@ -230,21 +233,17 @@ def parse_rst(path: Path) -> ParsedDocument:
                 and len(lines[i + 1].rstrip()) >= len(line.rstrip()) and not _RST_ADORNMENT.match(line):
             title, style, i = line.strip(), (lines[i + 1].strip()[0], False), i + 2
         else:
-            buf.append(line)
+            outline.lines.append(line)
             i += 1
             continue
         if style not in styles:
             styles.append(style)
-        level = styles.index(style) + 1
-        flush()
-        while stack and stack[-1][0] >= level:
-            stack.pop()
-        stack.append((level, title))
+        outline.open_heading(styles.index(style) + 1, title)
         first_title = first_title or title
-    flush()
+    outline.flush()
     title = first_title or path.stem
-    _drop_title_heading(sections, title)
-    return _document(path, "rst", title, sections, {}, [])
+    _drop_title_heading(outline.sections, title)
+    return _document(path, "rst", title, outline.sections, {}, [])
 
 
 # Plain text has no markup, but laws, regulations, manuals and novels saved as .txt mark their parts in words:
@@ -261,28 +260,17 @@ _TEXT_HEADING_LEVEL = {"编": 1, "篇": 1, "卷": 1, "部分": 1, "part": 1, "�
 
 def parse_text(path: Path) -> ParsedDocument:
     text = read_text(path)
-    sections: list[Section] = []
-    stack: list[tuple[int, str]] = []
-    buf: list[str] = []
-
-    def flush():
-        content = "\n".join(buf).strip()
-        if content:
-            sections.append(Section(text=content, headings=[h for _, h in stack]))
-        buf.clear()
-
+    outline = _Outline()
     for line in text.split("\n"):
         heading = _TEXT_HEADING.match(line) if len(line) <= 80 else None
         if heading is None:
-            buf.append(line)
-            continue
-        flush()
-        level = _TEXT_HEADING_LEVEL[(heading.group("zh") or heading.group("en")).lower()]
-        while stack and stack[-1][0] >= level:
-            stack.pop()
-        stack.append((level, " ".join(line.split())))
-    flush()
-    if not sections and stack:  # headings alone: keep them as the text
+            outline.lines.append(line)
+        else:
+            level = _TEXT_HEADING_LEVEL[(heading.group("zh") or heading.group("en")).lower()]
+            outline.open_heading(level, " ".join(line.split()))
+    outline.flush()
+    sections = outline.sections
+    if not sections and outline.stack:  # headings alone: keep them as the text
         sections = [Section(text=text.strip())]
     return _document(path, "text", path.stem, sections, {}, [])
 

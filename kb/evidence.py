@@ -422,7 +422,7 @@ def type_candidates(text: str, kind: str | None, question: str = "") -> list[tup
         patterns.append((by_script[0], True))
     q_lower = question.lower()
     q_keys = set(tokenize(question).keys)
-    # spans that hold no count, by whether the pattern is the Chinese one: a year in a date
+    # spans that hold no count, by whether the pattern is the Chinese one: a year in a date, a label ("§ 322")
     no_count = {False: [m.span() for r in (_YEAR_IN_DATE, _LABEL_NUMBER) for m in r.finditer(text)]
                 if kind == "number" else [],
                 True: [m.span() for m in _YEAR_ZH.finditer(text)]
